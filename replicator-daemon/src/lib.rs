@@ -1,0 +1,1 @@
+//! replicator-daemon: the only crate that does I/O.
