@@ -1,0 +1,512 @@
+//! Shared harness for the real-process NBD tests: starts one NBD server over
+//! a sparse backing file in a temp dir, waits until it speaks NBD, runs the
+//! external clients (nbdinfo, qemu-img, qemu-io, nbdcopy, fio, Python libnbd)
+//! with a time limit, and kills everything on drop.
+//!
+//! The server is `replicatord` with a generated one-node config. Setting
+//! `REPLICATOR_TEST_SERVER=qemu-nbd` swaps in qemu-nbd serving the same file,
+//! to check the harness and the client scripts against a known server.
+//!
+//! It must not sleep a fixed time to wait for a state (everything polls with
+//! a deadline), and it never leaves a server process behind.
+#![forbid(unsafe_code)]
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The resource name, which is also the NBD export name.
+pub const EXPORT_NAME: &str = "vm1";
+/// How long a server gets to start answering NBD after spawn.
+pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a server gets to exit after SIGTERM.
+pub const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default limit for one external client run.
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default export size for the tests.
+pub const DEFAULT_EXPORT_SIZE_BYTES: u64 = 64 << 20;
+/// Interval between two readiness polls.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// The first 8 bytes every NBD server sends.
+const NBD_GREETING_MAGIC: &[u8; 8] = b"NBDMAGIC";
+
+/// Which program serves the export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    /// The product: `replicatord` with a one-node config.
+    Replicatord,
+    /// Stand-in: `qemu-nbd` over the same file (harness validation).
+    QemuNbd,
+}
+
+impl ServerKind {
+    /// From `REPLICATOR_TEST_SERVER` (`replicatord` by default, or `qemu-nbd`).
+    pub fn from_env() -> Self {
+        match std::env::var("REPLICATOR_TEST_SERVER").as_deref() {
+            Err(_) | Ok("") | Ok("replicatord") => ServerKind::Replicatord,
+            Ok("qemu-nbd") => ServerKind::QemuNbd,
+            Ok(other) => panic!(
+                "REPLICATOR_TEST_SERVER={other:?} is not a known server (replicatord, qemu-nbd)"
+            ),
+        }
+    }
+}
+
+/// Where the server listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// A free port on 127.0.0.1.
+    Tcp,
+    /// A Unix socket in the temp dir.
+    Unix,
+}
+
+/// What export to start.
+#[derive(Debug, Clone)]
+pub struct ExportSpec {
+    pub size_bytes: u64,
+    pub read_only: bool,
+    pub listen: Listen,
+    /// O_DIRECT on the backing file (`direct = true`, qemu-nbd `--cache=none`).
+    pub direct: bool,
+}
+
+impl Default for ExportSpec {
+    fn default() -> Self {
+        ExportSpec {
+            size_bytes: DEFAULT_EXPORT_SIZE_BYTES,
+            read_only: false,
+            listen: Listen::Tcp,
+            direct: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Addr {
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+/// A running NBD export over a sparse file; the process dies with this value.
+#[derive(Debug)]
+pub struct Export {
+    pub kind: ServerKind,
+    pub spec: ExportSpec,
+    dir: tempfile::TempDir,
+    addr: Addr,
+    child: Option<Child>,
+    /// Incremented per start, so each run logs to its own file.
+    starts: u32,
+}
+
+impl Export {
+    /// Starts an export of the default spec.
+    pub fn start_default() -> Export {
+        Export::start(ExportSpec::default())
+    }
+
+    /// Creates the temp dir, the sparse backing file and the config, starts
+    /// the server and waits until it sends the NBD greeting.
+    pub fn start(spec: ExportSpec) -> Export {
+        let kind = ServerKind::from_env();
+        if kind == ServerKind::QemuNbd {
+            require_tool("qemu-nbd", "qemu-utils");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("replicator-it-")
+            .tempdir()
+            .expect("create temp dir");
+        let disk = dir.path().join("disk.img");
+        File::create(&disk)
+            .and_then(|f| f.set_len(spec.size_bytes))
+            .expect("create sparse backing file");
+        let addr = match spec.listen {
+            Listen::Tcp => Addr::Tcp(free_port()),
+            Listen::Unix => Addr::Unix(dir.path().join("nbd.sock")),
+        };
+        let mut export = Export {
+            kind,
+            spec,
+            dir,
+            addr,
+            child: None,
+            starts: 0,
+        };
+        export.write_config();
+        export.spawn_and_wait();
+        export
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The backing file.
+    pub fn disk_path(&self) -> PathBuf {
+        self.dir.path().join("disk.img")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("vm1.toml")
+    }
+
+    pub fn port(&self) -> Option<u16> {
+        match self.addr {
+            Addr::Tcp(p) => Some(p),
+            Addr::Unix(_) => None,
+        }
+    }
+
+    /// The NBD URI of the export (libnbd and QEMU both accept it).
+    pub fn uri(&self) -> String {
+        match &self.addr {
+            Addr::Tcp(port) => format!("nbd://127.0.0.1:{port}/{EXPORT_NAME}"),
+            Addr::Unix(path) => {
+                format!("nbd+unix:///{EXPORT_NAME}?socket={}", path.display())
+            }
+        }
+    }
+
+    /// The URI without an export name (for `nbdinfo --list`).
+    pub fn server_uri(&self) -> String {
+        match &self.addr {
+            Addr::Tcp(port) => format!("nbd://127.0.0.1:{port}"),
+            Addr::Unix(path) => format!("nbd+unix://?socket={}", path.display()),
+        }
+    }
+
+    fn log_path(&self, start: u32) -> PathBuf {
+        self.dir.path().join(format!("server-{start}.log"))
+    }
+
+    /// Everything the server processes wrote to stderr so far, per start.
+    pub fn server_log(&self) -> String {
+        let mut all = String::new();
+        for start in 1..=self.starts {
+            let text = std::fs::read_to_string(self.log_path(start)).unwrap_or_default();
+            all.push_str(&format!("--- server start {start} stderr ---\n{text}"));
+        }
+        all
+    }
+
+    fn write_config(&self) {
+        let nbd = match &self.addr {
+            Addr::Tcp(port) => format!("127.0.0.1:{port}"),
+            Addr::Unix(path) => format!("unix:{}", path.display()),
+        };
+        let d = self.dir.path().display();
+        let config = format!(
+            r#"# Generated by the integration test harness: one node, no peer.
+resource = "{EXPORT_NAME}"
+secret = "integration-test"
+read_only = {ro}
+direct = {direct}
+
+[nodes.alpha]
+replication = "127.0.0.1:{repl}"
+nbd = "{nbd}"
+control = "{d}/alpha.sock"
+disk = "{d}/disk.img"
+meta = "{d}/alpha.meta"
+"#,
+            ro = self.spec.read_only,
+            direct = self.spec.direct,
+            repl = free_port(),
+        );
+        std::fs::write(self.config_path(), config).expect("write config");
+    }
+
+    fn command(&self) -> Command {
+        match self.kind {
+            ServerKind::Replicatord => {
+                let mut cmd = Command::new(env!("CARGO_BIN_EXE_replicatord"));
+                cmd.arg("--config")
+                    .arg(self.config_path())
+                    .args(["--node", "alpha"]);
+                cmd.env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                );
+                cmd
+            }
+            ServerKind::QemuNbd => {
+                let mut cmd = Command::new("qemu-nbd");
+                cmd.args(["-f", "raw", "-x", EXPORT_NAME, "--persistent", "--shared=0"]);
+                match &self.addr {
+                    Addr::Tcp(port) => {
+                        cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]);
+                    }
+                    Addr::Unix(path) => {
+                        cmd.arg("-k").arg(path);
+                    }
+                }
+                if self.spec.read_only {
+                    cmd.arg("--read-only");
+                } else {
+                    cmd.arg("--discard=unmap");
+                }
+                if self.spec.direct {
+                    cmd.arg("--cache=none");
+                }
+                cmd.arg(self.disk_path());
+                cmd
+            }
+        }
+    }
+
+    fn spawn_and_wait(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        self.starts += 1;
+        let log = File::create(self.log_path(self.starts)).expect("create server log");
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?} server: {e}", self.kind));
+        self.child = Some(child);
+        let deadline = Instant::now() + SERVER_START_TIMEOUT;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                panic!(
+                    "the {:?} server exited with {status} before serving NBD\n{}",
+                    self.kind,
+                    self.server_log()
+                );
+            }
+            if self.greets() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "the {:?} server did not send an NBD greeting within {:?}\n{}",
+                    self.kind,
+                    SERVER_START_TIMEOUT,
+                    self.server_log()
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// True when a connection gets the NBD greeting magic.
+    fn greets(&self) -> bool {
+        let mut magic = [0u8; 8];
+        let io_timeout = Some(Duration::from_secs(2));
+        let ok = match &self.addr {
+            Addr::Tcp(port) => TcpStream::connect(("127.0.0.1", *port)).and_then(|mut s| {
+                s.set_read_timeout(io_timeout)?;
+                s.read_exact(&mut magic)
+            }),
+            Addr::Unix(path) => UnixStream::connect(path).and_then(|mut s| {
+                s.set_read_timeout(io_timeout)?;
+                s.read_exact(&mut magic)
+            }),
+        };
+        ok.is_ok() && &magic == NBD_GREETING_MAGIC
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("server not running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        match wait_with_deadline(&mut child, SERVER_STOP_TIMEOUT) {
+            Some(status) => status,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the server did not exit within {SERVER_STOP_TIMEOUT:?} of SIGTERM\n{}",
+                    self.server_log()
+                );
+            }
+        }
+    }
+
+    /// Starts the server again on the same address and file.
+    pub fn start_again(&mut self) {
+        self.spawn_and_wait();
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.server_log());
+        }
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Waits up to `limit` for the child to exit.
+pub fn wait_with_deadline(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL_INTERVAL),
+            Ok(None) => return None,
+            Err(e) => panic!("wait for child: {e}"),
+        }
+    }
+}
+
+/// True when `name` is an executable on PATH (or a path that exists).
+pub fn have_tool(name: &str) -> bool {
+    if name.contains('/') {
+        return Path::new(name).exists();
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
+        .unwrap_or(false)
+}
+
+/// Fails the test with what to install when `name` is missing.
+pub fn require_tool(name: &str, debian_package: &str) {
+    assert!(
+        have_tool(name),
+        "install {name} (Debian package {debian_package}); scripts/test.sh installs it"
+    );
+}
+
+/// Debian's Python with the libnbd module; fails with what to install.
+pub const PYTHON: &str = "/usr/bin/python3";
+
+pub fn require_python_nbd() {
+    require_tool(PYTHON, "python3");
+    let ok = Command::new(PYTHON)
+        .args(["-c", "import nbd"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "install the Python nbd module for {PYTHON} (Debian package python3-libnbd)"
+    );
+}
+
+/// Path of a file under tests/ (scripts, guest builder).
+pub fn tests_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(rel)
+}
+
+/// Runs `cmd` with a time limit; panics with its output unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    run_ok_within(cmd, TOOL_TIMEOUT)
+}
+
+/// Like [`run_ok`] with an explicit limit.
+pub fn run_ok_within(cmd: &mut Command, limit: Duration) -> Output {
+    let out = run_within(cmd, limit);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `cmd` with a time limit and returns its output whatever the status;
+/// panics if it runs past the limit (after killing it).
+pub fn run_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut stdout = child.stdout.take().expect("stdout pipe");
+    let mut stderr = child.stderr.take().expect("stderr pipe");
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let status = match wait_with_deadline(&mut child, limit) {
+        Some(status) => status,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let so = out_reader.join().unwrap_or_default();
+            let se = err_reader.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&so),
+                String::from_utf8_lossy(&se)
+            );
+        }
+    };
+    Output {
+        status,
+        stdout: out_reader.join().expect("stdout reader"),
+        stderr: err_reader.join().expect("stderr reader"),
+    }
+}
+
+/// stdout of a successful run as a String.
+pub fn stdout_of(cmd: &mut Command) -> String {
+    String::from_utf8(run_ok(cmd).stdout).expect("utf-8 output")
+}
+
+/// Writes `len` bytes of seeded pseudo-random data (xorshift64*) to `path`.
+pub fn write_random_file(path: &Path, len: u64, seed: u64) {
+    let mut f = std::io::BufWriter::new(File::create(path).expect("create data file"));
+    let mut state = seed | 1;
+    let mut left = len;
+    while left > 0 {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let word = state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        let n = left.min(8) as usize;
+        f.write_all(&word[..n]).expect("write data file");
+        left -= n as u64;
+    }
+    f.flush().expect("flush data file");
+}
+
+/// Panics unless the two files have identical contents (via `cmp`).
+pub fn assert_same_file(a: &Path, b: &Path) {
+    let out = run_within(Command::new("cmp").arg(a).arg(b), TOOL_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "{} and {} differ: {}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -1,0 +1,162 @@
+//! Bad input from NBD clients (reference/nbd-protocol.md §1.8), driven by
+//! libnbd in Python with strict mode off, and by a raw-socket client for what
+//! libnbd refuses to send. Each test runs one case of
+//! tests/scripts/nbd_cases.py against a fresh export.
+#![forbid(unsafe_code)]
+
+mod common;
+
+use std::process::Command;
+
+use common::{Export, ExportSpec, PYTHON};
+
+/// Runs one case of nbd_cases.py against `export`; panics with its output
+/// (and the server's log, via the export's drop) if the case fails.
+fn run_case(export: &Export, case: &str) {
+    common::require_python_nbd();
+    let script = common::tests_path("scripts/nbd_cases.py");
+    common::run_ok(Command::new(PYTHON).arg(script).arg(case).arg(export.uri()));
+}
+
+fn case_on_fresh_export(case: &str) {
+    let export = Export::start_default();
+    run_case(&export, case);
+}
+
+#[test]
+fn write_past_end_fails_with_enospc() {
+    // Proves WRITE beyond (and straddling) the end gets ENOSPC and the connection lives on.
+    case_on_fresh_export("write_past_end_enospc");
+}
+
+#[test]
+fn write_zeroes_past_end_fails_with_enospc() {
+    // Proves WRITE_ZEROES beyond the end gets ENOSPC.
+    case_on_fresh_export("write_zeroes_past_end_enospc");
+}
+
+#[test]
+fn read_past_end_fails_with_einval() {
+    // Proves READ beyond (and straddling) the end gets EINVAL.
+    case_on_fresh_export("read_past_end_einval");
+}
+
+#[test]
+fn trim_past_end_fails_with_einval() {
+    // Proves TRIM beyond the end gets EINVAL.
+    case_on_fresh_export("trim_past_end_einval");
+}
+
+#[test]
+fn block_status_past_end_fails_with_einval() {
+    // Proves BLOCK_STATUS beyond the end gets EINVAL.
+    case_on_fresh_export("block_status_past_end_einval");
+}
+
+#[test]
+fn unknown_command_flag_fails_with_einval() {
+    // Proves an undefined command flag, or NO_HOLE on WRITE, gets EINVAL.
+    case_on_fresh_export("unknown_command_flag_einval");
+}
+
+#[test]
+fn block_status_without_meta_context_fails_with_einval() {
+    // Proves BLOCK_STATUS with no selected meta context gets EINVAL.
+    case_on_fresh_export("block_status_without_meta_context_einval");
+}
+
+#[test]
+fn zero_length_requests_are_answered_without_disconnect() {
+    // Proves zero-length READ/WRITE/TRIM/WRITE_ZEROES/BLOCK_STATUS keep the connection usable.
+    case_on_fresh_export("zero_length_requests_answered_without_disconnect");
+}
+
+#[test]
+fn writes_on_read_only_export_fail_with_eperm() {
+    // Proves WRITE, TRIM and WRITE_ZEROES on a read_only = true export get EPERM.
+    let export = Export::start(ExportSpec {
+        read_only: true,
+        ..ExportSpec::default()
+    });
+    run_case(&export, "write_on_read_only_eperm");
+}
+
+#[test]
+fn unknown_option_gets_err_unsup_and_negotiation_continues() {
+    // Proves an unknown option is answered ERR_UNSUP, its data consumed, and GO + READ still work.
+    case_on_fresh_export("unknown_option_err_unsup_then_negotiation_continues");
+}
+
+#[test]
+fn starttls_is_refused_and_plaintext_continues() {
+    // Proves STARTTLS gets ERR_UNSUP/ERR_POLICY and a TLS-allowing client falls back to plaintext.
+    case_on_fresh_export("starttls_refused_and_negotiation_continues");
+}
+
+#[test]
+fn list_option_shows_the_export() {
+    // Proves NBD_OPT_LIST names the resource's export.
+    case_on_fresh_export("list_shows_the_export");
+}
+
+#[test]
+fn info_of_unknown_export_errors_and_known_export_still_negotiates() {
+    // Proves INFO of an unknown name fails, then INFO + GO of the real export succeed and agree.
+    case_on_fresh_export("info_of_unknown_export_errors_then_known_export_works");
+}
+
+#[test]
+fn oversized_write_errors_and_connection_keeps_working() {
+    // Proves a 33 MiB WRITE (max payload is 32 MiB) is refused, not applied, and the stream stays in sync.
+    case_on_fresh_export("oversized_write_errors_and_connection_survives");
+}
+
+#[test]
+fn simple_replies_without_structured_replies_work() {
+    // Proves a client that does not ask for structured replies can read, write and get errors.
+    case_on_fresh_export("structured_replies_off_still_works");
+}
+
+#[test]
+fn fast_zero_either_zeroes_or_fails_with_enotsup() {
+    // Proves WRITE_ZEROES with FAST_ZERO either zeroes the range or fails with ENOTSUP leaving it intact.
+    case_on_fresh_export("fast_zero_is_fast_or_enotsup");
+}
+
+#[test]
+fn multi_conn_flush_on_one_connection_makes_write_visible_on_all() {
+    // Proves CAN_MULTI_CONN holds: write on conn 1, flush on conn 2, read on conn 0 sees it.
+    case_on_fresh_export("multi_conn_flush_on_one_connection_visible_on_all");
+}
+
+#[test]
+fn bad_request_magic_closes_only_that_connection() {
+    // Proves a request with a bad magic drops that connection while new clients are served.
+    case_on_fresh_export("bad_request_magic_closes_connection");
+}
+
+#[test]
+fn unknown_client_handshake_flags_close_the_connection() {
+    // Proves unknown client flags in the handshake make the server close the connection.
+    case_on_fresh_export("unknown_client_flags_close_connection");
+}
+
+#[test]
+fn truncated_write_payload_then_close_applies_nothing() {
+    // Proves a WRITE whose payload is cut short by a close changes no byte, and other clients are unaffected.
+    case_on_fresh_export("truncated_write_payload_then_close_applies_nothing");
+}
+
+#[test]
+fn bad_input_cases_over_unix_socket_behave_the_same() {
+    // Proves the export over a Unix socket handles the raw-socket negotiation cases too.
+    let export = Export::start(ExportSpec {
+        listen: common::Listen::Unix,
+        ..ExportSpec::default()
+    });
+    run_case(
+        &export,
+        "unknown_option_err_unsup_then_negotiation_continues",
+    );
+    run_case(&export, "list_shows_the_export");
+}
