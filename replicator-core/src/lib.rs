@@ -2,6 +2,22 @@
 //!
 //! No sockets, no files, no clock, no threads: time and randomness come in as
 //! arguments, effects come out as values.
+//!
+//! Module map:
+//! - [`types`]: shared newtypes (block, extent, request ids), roles, disk
+//!   states, protocol modes, generation UUIDs.
+//! - [`wire`]: the peer wire protocol (messages, framing, codec).
+//! - [`auth`]: HMAC-SHA256 challenge/response on the shared secret.
+//! - [`bitmap`]: the out-of-sync bitmap, its scans, pages and run-length code.
+//! - [`activity_log`]: the hot-extent LRU and its on-disk transaction ring.
+//! - [`metadata`]: superblock slots, metadata layout, `create-md` blocks.
 #![forbid(unsafe_code)]
+
+pub mod activity_log;
+pub mod auth;
+pub mod bitmap;
+pub mod metadata;
+pub mod types;
+pub mod wire;
 
 pub mod generation;

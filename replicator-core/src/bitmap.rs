@@ -1,0 +1,641 @@
+//! The out-of-sync bitmap: one bit per block of `block_bytes` (default 4 KiB)
+//! of the data area, set when the block differs or may differ from the peer.
+//!
+//! Owns the in-memory bit array, its incrementally kept population count, the
+//! word-wise scans used by resync, the run-length code used to exchange
+//! bitmaps over the wire and the tracking of which 4 KiB pages of the on-disk
+//! bitmap changed since they were last persisted. Must not do I/O: pages come
+//! in and go out as byte slices.
+//!
+//! # Byte ranges and partial blocks
+//!
+//! [`Bitmap::set_range`] marks every block the range touches, even partly: a
+//! block that may differ must be resynced. [`Bitmap::clear_range`] clears only
+//! blocks the range covers entirely: a partial write does not prove the rest
+//! of the block is in sync. The last block of the device may be shorter than
+//! `block_bytes`; a range that reaches the end of the device covers it.
+//!
+//! # On-disk representation
+//!
+//! Block `b` is bit `b % 64` of 64-bit word `b / 64`; words are stored
+//! little-endian, back to back, in pages of [`BITMAP_PAGE_BYTES`]. Bits past
+//! the last block are zero.
+//!
+//! # Run-length code (wire)
+//!
+//! A chunk starting at block `s` is a sequence of unsigned LEB128 varints:
+//! alternating run lengths of clear and set blocks, starting with a clear run
+//! (which may be 0). Every later run is at least 1. A chunk ends on a run
+//! boundary; the next chunk starts where it ended.
+
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use thiserror::Error;
+
+use crate::types::BlockIndex;
+
+/// Default bitmap granularity in bytes per bit.
+pub const DEFAULT_BITMAP_BLOCK_BYTES: u32 = 4096;
+/// Smallest accepted granularity.
+pub const MIN_BITMAP_BLOCK_BYTES: u32 = 4096;
+/// Largest accepted granularity (DRBD 9.3 allows up to 1 MiB per bit).
+pub const MAX_BITMAP_BLOCK_BYTES: u32 = 1024 * 1024;
+/// Size of one page of the on-disk bitmap, the unit of persistence.
+pub const BITMAP_PAGE_BYTES: usize = 4096;
+/// Most blocks a bitmap may track: 2^32 bits = 512 MiB of RAM, 16 TiB at 4 KiB.
+pub const MAX_BITMAP_BLOCKS: u64 = 1 << 32;
+
+const WORD_BITS: u64 = 64;
+const WORDS_PER_PAGE: usize = BITMAP_PAGE_BYTES / 8;
+const BITS_PER_PAGE: u64 = (BITMAP_PAGE_BYTES as u64) * 8;
+/// Longest LEB128 encoding of a u64.
+const MAX_VARINT_BYTES: usize = 10;
+/// Smallest chunk budget that always fits one clear run and one set run.
+pub const MIN_RLE_CHUNK_BYTES: usize = 2 * MAX_VARINT_BYTES;
+
+/// Errors of bitmap construction, ranges, merges, pages and run-length code.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BitmapError {
+    /// The granularity is not a power of two within the accepted bounds.
+    #[error("bitmap block size {block_bytes} bytes is not a power of two between {MIN_BITMAP_BLOCK_BYTES} and {MAX_BITMAP_BLOCK_BYTES}")]
+    BadBlockSize {
+        /// The rejected granularity.
+        block_bytes: u32,
+    },
+    /// The device needs more bits than [`MAX_BITMAP_BLOCKS`].
+    #[error("a bitmap of {blocks} blocks exceeds the limit of {MAX_BITMAP_BLOCKS}")]
+    TooLarge {
+        /// Blocks requested.
+        blocks: u64,
+    },
+    /// A byte range reaches past the end of the data area.
+    #[error(
+        "range at offset {offset} of {len_bytes} bytes exceeds the bitmap's {size_bytes} bytes"
+    )]
+    RangeOutOfBounds {
+        /// Range start.
+        offset: u64,
+        /// Range length.
+        len_bytes: u64,
+        /// Size of the data area.
+        size_bytes: u64,
+    },
+    /// Two bitmaps of different geometry cannot be merged.
+    #[error("cannot merge a bitmap of {other_blocks} blocks of {other_block_bytes} bytes into one of {blocks} blocks of {block_bytes} bytes")]
+    GeometryMismatch {
+        /// This bitmap's blocks.
+        blocks: u64,
+        /// This bitmap's granularity.
+        block_bytes: u32,
+        /// The other bitmap's blocks.
+        other_blocks: u64,
+        /// The other bitmap's granularity.
+        other_block_bytes: u32,
+    },
+    /// A page index or page length is wrong.
+    #[error("bitmap page {page} invalid: {detail}")]
+    BadPage {
+        /// Page index.
+        page: u64,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The run-length code is malformed or runs past the end of the bitmap.
+    #[error("bitmap run-length code invalid at byte {at}: {detail}")]
+    BadRle {
+        /// Byte position in the chunk.
+        at: usize,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// The out-of-sync bitmap of one data area.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bitmap {
+    words: Vec<u64>,
+    blocks: u64,
+    size_bytes: u64,
+    block_bytes: u32,
+    count: u64,
+    /// One bit per on-disk page: set when the page changed since persisted.
+    dirty: Vec<u64>,
+}
+
+/// Checks a bitmap granularity: a power of two within bounds.
+pub fn check_block_bytes(block_bytes: u32) -> Result<(), BitmapError> {
+    if !block_bytes.is_power_of_two()
+        || !(MIN_BITMAP_BLOCK_BYTES..=MAX_BITMAP_BLOCK_BYTES).contains(&block_bytes)
+    {
+        return Err(BitmapError::BadBlockSize { block_bytes });
+    }
+    Ok(())
+}
+
+/// Number of blocks needed to cover `size_bytes` at `block_bytes` per bit.
+pub fn blocks_for(size_bytes: u64, block_bytes: u32) -> u64 {
+    size_bytes.div_ceil(u64::from(block_bytes))
+}
+
+/// Bytes the on-disk bitmap of `blocks` bits occupies (whole pages).
+pub fn on_disk_bytes(blocks: u64) -> u64 {
+    blocks.div_ceil(BITS_PER_PAGE) * BITMAP_PAGE_BYTES as u64
+}
+
+impl Bitmap {
+    /// An all-clear bitmap for a data area of `size_bytes`.
+    pub fn new(size_bytes: u64, block_bytes: u32) -> Result<Self, BitmapError> {
+        check_block_bytes(block_bytes)?;
+        let blocks = blocks_for(size_bytes, block_bytes);
+        if blocks > MAX_BITMAP_BLOCKS {
+            return Err(BitmapError::TooLarge { blocks });
+        }
+        let pages = blocks.div_ceil(BITS_PER_PAGE);
+        // Whole pages of words, so page encoding never needs bounds juggling.
+        let words = (pages as usize) * WORDS_PER_PAGE;
+        Ok(Bitmap {
+            words: vec![0; words],
+            blocks,
+            size_bytes,
+            block_bytes,
+            count: 0,
+            dirty: vec![0; (pages as usize).div_ceil(64)],
+        })
+    }
+
+    /// Bytes per bit.
+    pub fn block_bytes(&self) -> u32 {
+        self.block_bytes
+    }
+
+    /// Number of blocks (bits) tracked.
+    pub fn len_blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Size of the data area in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// Number of set bits, kept incrementally (O(1)).
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Bytes marked out of sync (a short last block counts its real length).
+    pub fn out_of_sync_bytes(&self) -> u64 {
+        let mut bytes = self.count * u64::from(self.block_bytes);
+        if self.blocks > 0 && self.get(BlockIndex(self.blocks - 1)) {
+            bytes -= self.blocks * u64::from(self.block_bytes) - self.size_bytes;
+        }
+        bytes
+    }
+
+    /// Byte range `(offset, len_bytes)` of a block, clipped to the data area.
+    pub fn block_range_bytes(&self, block: BlockIndex) -> (u64, u64) {
+        let start = block.0 * u64::from(self.block_bytes);
+        let end = (start + u64::from(self.block_bytes)).min(self.size_bytes);
+        (start, end.saturating_sub(start))
+    }
+
+    /// Whether block `block` is set; blocks past the end read as clear.
+    pub fn get(&self, block: BlockIndex) -> bool {
+        if block.0 >= self.blocks {
+            return false;
+        }
+        self.words[(block.0 / WORD_BITS) as usize] & (1 << (block.0 % WORD_BITS)) != 0
+    }
+
+    fn check_range(&self, offset: u64, len_bytes: u64) -> Result<(), BitmapError> {
+        match offset.checked_add(len_bytes) {
+            Some(end) if end <= self.size_bytes => Ok(()),
+            _ => Err(BitmapError::RangeOutOfBounds {
+                offset,
+                len_bytes,
+                size_bytes: self.size_bytes,
+            }),
+        }
+    }
+
+    /// Marks every block the byte range touches; returns how many were newly set.
+    pub fn set_range(&mut self, offset: u64, len_bytes: u64) -> Result<u64, BitmapError> {
+        self.check_range(offset, len_bytes)?;
+        if len_bytes == 0 {
+            return Ok(0);
+        }
+        let bb = u64::from(self.block_bytes);
+        let first = offset / bb;
+        let end = (offset + len_bytes).div_ceil(bb);
+        Ok(self.set_blocks(BlockIndex(first)..BlockIndex(end)))
+    }
+
+    /// Clears the blocks the byte range covers entirely; returns how many were
+    /// newly cleared.
+    pub fn clear_range(&mut self, offset: u64, len_bytes: u64) -> Result<u64, BitmapError> {
+        self.check_range(offset, len_bytes)?;
+        let bb = u64::from(self.block_bytes);
+        let first = offset.div_ceil(bb);
+        let end_byte = offset + len_bytes;
+        let end = if end_byte == self.size_bytes {
+            self.blocks
+        } else {
+            end_byte / bb
+        };
+        if first >= end {
+            return Ok(0);
+        }
+        Ok(self.clear_blocks(BlockIndex(first)..BlockIndex(end)))
+    }
+
+    /// Sets blocks `range` (clipped to the bitmap); returns how many changed.
+    pub fn set_blocks(&mut self, range: Range<BlockIndex>) -> u64 {
+        self.update_blocks(range, true)
+    }
+
+    /// Clears blocks `range` (clipped to the bitmap); returns how many changed.
+    pub fn clear_blocks(&mut self, range: Range<BlockIndex>) -> u64 {
+        self.update_blocks(range, false)
+    }
+
+    /// Sets every block (a full resync).
+    pub fn set_all(&mut self) -> u64 {
+        self.set_blocks(BlockIndex(0)..BlockIndex(self.blocks))
+    }
+
+    /// Clears every block.
+    pub fn clear_all(&mut self) -> u64 {
+        self.clear_blocks(BlockIndex(0)..BlockIndex(self.blocks))
+    }
+
+    fn update_blocks(&mut self, range: Range<BlockIndex>, set: bool) -> u64 {
+        let start = range.start.0.min(self.blocks);
+        let end = range.end.0.min(self.blocks);
+        if start >= end {
+            return 0;
+        }
+        let mut changed = 0u64;
+        let first_word = start / WORD_BITS;
+        let last_word = (end - 1) / WORD_BITS;
+        for w in first_word..=last_word {
+            let lo = if w == first_word {
+                start % WORD_BITS
+            } else {
+                0
+            };
+            let hi = if w == last_word {
+                (end - 1) % WORD_BITS + 1
+            } else {
+                WORD_BITS
+            };
+            let mask = if hi - lo == WORD_BITS {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            let idx = w as usize;
+            let old = self.words[idx];
+            let new = if set { old | mask } else { old & !mask };
+            if new != old {
+                self.words[idx] = new;
+                let diff = (old ^ new).count_ones() as u64;
+                changed += diff;
+                self.mark_word_dirty(idx);
+            }
+        }
+        if set {
+            self.count += changed;
+        } else {
+            self.count -= changed;
+        }
+        changed
+    }
+
+    fn mark_word_dirty(&mut self, word: usize) {
+        let page = word / WORDS_PER_PAGE;
+        self.dirty[page / 64] |= 1 << (page % 64);
+    }
+
+    /// The first set block at or after `from`, scanning a word at a time.
+    pub fn next_set(&self, from: BlockIndex) -> Option<BlockIndex> {
+        self.next_with(from, false)
+    }
+
+    /// The first clear block at or after `from`.
+    pub fn next_clear(&self, from: BlockIndex) -> Option<BlockIndex> {
+        self.next_with(from, true)
+    }
+
+    fn next_with(&self, from: BlockIndex, want_clear: bool) -> Option<BlockIndex> {
+        if from.0 >= self.blocks {
+            return None;
+        }
+        let mut w = (from.0 / WORD_BITS) as usize;
+        let last_word = ((self.blocks - 1) / WORD_BITS) as usize;
+        let load = |i: usize| {
+            if want_clear {
+                !self.words[i]
+            } else {
+                self.words[i]
+            }
+        };
+        let mut word = load(w) & (u64::MAX << (from.0 % WORD_BITS));
+        loop {
+            if word != 0 {
+                let bit = w as u64 * WORD_BITS + u64::from(word.trailing_zeros());
+                return (bit < self.blocks).then_some(BlockIndex(bit));
+            }
+            w += 1;
+            if w > last_word {
+                return None;
+            }
+            word = load(w);
+        }
+    }
+
+    /// Iterates over maximal runs of set blocks in ascending order.
+    pub fn runs(&self) -> SetRuns<'_> {
+        SetRuns {
+            bitmap: self,
+            pos: 0,
+        }
+    }
+
+    /// ORs `other` into `self` (both must have the same geometry); returns how
+    /// many blocks were newly set.
+    pub fn merge(&mut self, other: &Bitmap) -> Result<u64, BitmapError> {
+        if other.blocks != self.blocks || other.block_bytes != self.block_bytes {
+            return Err(BitmapError::GeometryMismatch {
+                blocks: self.blocks,
+                block_bytes: self.block_bytes,
+                other_blocks: other.blocks,
+                other_block_bytes: other.block_bytes,
+            });
+        }
+        let mut changed = 0u64;
+        for i in 0..self.words.len() {
+            let old = self.words[i];
+            let new = old | other.words[i];
+            if new != old {
+                self.words[i] = new;
+                changed += (old ^ new).count_ones() as u64;
+                self.mark_word_dirty(i);
+            }
+        }
+        self.count += changed;
+        Ok(changed)
+    }
+
+    /// Number of pages of the on-disk bitmap.
+    pub fn page_count(&self) -> u64 {
+        (self.words.len() / WORDS_PER_PAGE) as u64
+    }
+
+    /// Pages changed since they were last taken, ascending.
+    pub fn dirty_pages(&self) -> Vec<u64> {
+        let mut pages = Vec::new();
+        for (i, &w) in self.dirty.iter().enumerate() {
+            let mut w = w;
+            while w != 0 {
+                let bit = w.trailing_zeros() as u64;
+                pages.push(i as u64 * 64 + bit);
+                w &= w - 1;
+            }
+        }
+        pages
+    }
+
+    /// Returns the dirty pages and marks them clean (call when the caller is
+    /// about to persist them).
+    pub fn take_dirty_pages(&mut self) -> Vec<u64> {
+        let pages = self.dirty_pages();
+        self.dirty.iter_mut().for_each(|w| *w = 0);
+        pages
+    }
+
+    /// Marks every page dirty (e.g. after loading from an untrusted source).
+    pub fn mark_all_dirty(&mut self) {
+        let pages = self.page_count();
+        for p in 0..pages {
+            self.dirty[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+
+    /// The on-disk bytes of page `page`.
+    pub fn encode_page(&self, page: u64) -> Result<Vec<u8>, BitmapError> {
+        if page >= self.page_count() {
+            return Err(BitmapError::BadPage {
+                page,
+                detail: format!("only {} pages", self.page_count()),
+            });
+        }
+        let start = page as usize * WORDS_PER_PAGE;
+        let mut out = Vec::with_capacity(BITMAP_PAGE_BYTES);
+        for w in &self.words[start..start + WORDS_PER_PAGE] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        Ok(out)
+    }
+
+    /// Loads page `page` from its on-disk bytes, replacing the page's bits.
+    /// Refuses a page with bits set past the last block (corrupt or foreign).
+    pub fn load_page(&mut self, page: u64, bytes: &[u8]) -> Result<(), BitmapError> {
+        if page >= self.page_count() {
+            return Err(BitmapError::BadPage {
+                page,
+                detail: format!("only {} pages", self.page_count()),
+            });
+        }
+        if bytes.len() != BITMAP_PAGE_BYTES {
+            return Err(BitmapError::BadPage {
+                page,
+                detail: format!("{} bytes, expected {BITMAP_PAGE_BYTES}", bytes.len()),
+            });
+        }
+        let start = page as usize * WORDS_PER_PAGE;
+        let mut new_words = [0u64; WORDS_PER_PAGE];
+        for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            new_words[i] = u64::from_le_bytes(b);
+            let first_bit = (start + i) as u64 * WORD_BITS;
+            let valid_bits = self.blocks.saturating_sub(first_bit).min(WORD_BITS);
+            let valid_mask = if valid_bits == WORD_BITS {
+                u64::MAX
+            } else {
+                (1u64 << valid_bits) - 1
+            };
+            if new_words[i] & !valid_mask != 0 {
+                return Err(BitmapError::BadPage {
+                    page,
+                    detail: format!(
+                        "bits set past the last block {} in word {}",
+                        self.blocks,
+                        start + i
+                    ),
+                });
+            }
+        }
+        for (i, &new) in new_words.iter().enumerate() {
+            let idx = start + i;
+            let old = self.words[idx];
+            self.count -= old.count_ones() as u64;
+            self.count += new.count_ones() as u64;
+            self.words[idx] = new;
+        }
+        Ok(())
+    }
+
+    /// Run-length codes the bitmap from block `start`, stopping on a run
+    /// boundary before the code would exceed `max_bytes` (at least
+    /// [`MIN_RLE_CHUNK_BYTES`]). Returns the code and the block where the next
+    /// chunk starts (`len_blocks()` when done).
+    pub fn encode_rle(&self, start: BlockIndex, max_bytes: usize) -> (Bytes, BlockIndex) {
+        assert!(
+            max_bytes >= MIN_RLE_CHUNK_BYTES,
+            "rle chunk budget {max_bytes} below {MIN_RLE_CHUNK_BYTES}"
+        );
+        let mut out = BytesMut::with_capacity(max_bytes.min(4096));
+        let mut pos = start.0.min(self.blocks);
+        let mut want_set = false;
+        while pos < self.blocks {
+            let next = if want_set {
+                self.next_clear(BlockIndex(pos))
+            } else {
+                self.next_set(BlockIndex(pos))
+            };
+            let run_end = next.map_or(self.blocks, |b| b.0);
+            let run = run_end - pos;
+            let mut buf = [0u8; MAX_VARINT_BYTES];
+            let n = put_varint(&mut buf, run);
+            // A clear run must be followed by a set run in the same chunk,
+            // unless it reaches the end, so reserve room for both.
+            let reserve = if !want_set && run_end < self.blocks {
+                MAX_VARINT_BYTES
+            } else {
+                0
+            };
+            if out.len() + n + reserve > max_bytes {
+                break;
+            }
+            out.put_slice(&buf[..n]);
+            pos = run_end;
+            want_set = !want_set;
+        }
+        (out.freeze(), BlockIndex(pos))
+    }
+
+    /// Decodes a run-length chunk starting at `start` and ORs its set runs
+    /// into the bitmap. Returns the block where the chunk ended.
+    pub fn apply_rle(&mut self, start: BlockIndex, rle: &[u8]) -> Result<BlockIndex, BitmapError> {
+        let runs = decode_rle(start, self.blocks, rle)?;
+        let mut end = start;
+        for (range, is_set) in runs {
+            if is_set {
+                self.set_blocks(range.clone());
+            }
+            end = range.end;
+        }
+        Ok(end)
+    }
+}
+
+/// Decodes a run-length chunk starting at `start` into `(blocks, is_set)` runs,
+/// checking that it stays within `total_blocks`.
+pub fn decode_rle(
+    start: BlockIndex,
+    total_blocks: u64,
+    rle: &[u8],
+) -> Result<Vec<(Range<BlockIndex>, bool)>, BitmapError> {
+    let mut runs = Vec::new();
+    let mut pos = start.0;
+    if pos > total_blocks {
+        return Err(BitmapError::BadRle {
+            at: 0,
+            detail: format!("chunk starts at block {pos} past the end {total_blocks}"),
+        });
+    }
+    let mut at = 0usize;
+    let mut is_set = false;
+    let mut first = true;
+    while at < rle.len() {
+        let (run, n) = get_varint(&rle[at..]).ok_or_else(|| BitmapError::BadRle {
+            at,
+            detail: "truncated or overlong varint".to_string(),
+        })?;
+        if run == 0 && !first {
+            return Err(BitmapError::BadRle {
+                at,
+                detail: "zero-length run".to_string(),
+            });
+        }
+        let end = pos
+            .checked_add(run)
+            .filter(|&e| e <= total_blocks)
+            .ok_or_else(|| BitmapError::BadRle {
+                at,
+                detail: format!("run of {run} blocks from {pos} passes the end {total_blocks}"),
+            })?;
+        if run > 0 {
+            runs.push((BlockIndex(pos)..BlockIndex(end), is_set));
+        }
+        pos = end;
+        at += n;
+        is_set = !is_set;
+        first = false;
+    }
+    Ok(runs)
+}
+
+fn put_varint(buf: &mut [u8; MAX_VARINT_BYTES], mut v: u64) -> usize {
+    let mut n = 0;
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            buf[n] = byte;
+            return n + 1;
+        }
+        buf[n] = byte | 0x80;
+        n += 1;
+    }
+}
+
+/// Reads one LEB128 varint; `None` if truncated, longer than 10 bytes or
+/// overflowing u64.
+fn get_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut v: u64 = 0;
+    for (i, &b) in bytes.iter().enumerate().take(MAX_VARINT_BYTES) {
+        let part = u64::from(b & 0x7f);
+        if i == MAX_VARINT_BYTES - 1 && part > 1 {
+            return None;
+        }
+        v |= part << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// Iterator over maximal runs of set blocks (see [`Bitmap::runs`]).
+#[derive(Debug)]
+pub struct SetRuns<'a> {
+    bitmap: &'a Bitmap,
+    pos: u64,
+}
+
+impl Iterator for SetRuns<'_> {
+    type Item = Range<BlockIndex>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let start = self.bitmap.next_set(BlockIndex(self.pos))?;
+        let end = self
+            .bitmap
+            .next_clear(start)
+            .unwrap_or(BlockIndex(self.bitmap.blocks));
+        self.pos = end.0;
+        Some(start..end)
+    }
+}
