@@ -15,7 +15,10 @@ have fio || need_pkgs+=(fio)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx mke2fs || need_pkgs+=(busybox-static)
 have cpio || need_pkgs+=(cpio)
 have ip || need_pkgs+=(iproute2)
-if ! have qemu-system-x86_64; then
+# The guest test builds its kernel + initramfs from Debian packages.
+have dpkg-deb || need_pkgs+=(dpkg)
+have gzip || need_pkgs+=(gzip)
+if ! have qemu-system-x86_64 || ! have qemu-img || ! have qemu-io || ! have qemu-nbd; then
   # Debian's qemu-system-x86 needs qemu-utils of its own version; a newer
   # qemu-utils (from backports) must come down to it in the same command.
   apt_qemu=1
