@@ -1,0 +1,483 @@
+//! The tokio NBD server: accepts connections on TCP and Unix listeners,
+//! negotiates each session, then pipelines its requests against a
+//! [`BlockTarget`].
+//!
+//! Per connection, a reader decodes requests and spawns each into a bounded
+//! in-flight window (so replies may go out of order, matched by cookie); a
+//! mutex around the write half makes every reply go out whole. DISC and
+//! shutdown wait for in-flight requests before closing. This module owns
+//! sockets and tasks; it must not choose errno values or encode bytes itself
+//! (that is [`crate::command`] and the codecs).
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::command::{
+    self, command_name, error_reply, execute, oversized_write, Command, Outgoing,
+};
+use crate::handshake::{ClientFlags, ClientOption, HandshakeError};
+use crate::negotiate::{ExportInfo, Negotiation, SessionParams, Step};
+use crate::proto::{ESHUTDOWN, MAX_PAYLOAD_BYTES};
+use crate::target::BlockTarget;
+use crate::transmission::{Incoming, RequestDecoder, RequestHeader, TransmissionError};
+
+/// Requests of one connection being executed or waiting to send their reply.
+pub const MAX_IN_FLIGHT_REQUESTS_PER_CONN: usize = 64;
+/// READ/WRITE payload bytes of one connection in flight, in KiB (128 MiB).
+pub const MAX_IN_FLIGHT_PAYLOAD_KIB_PER_CONN: u32 = 128 * 1024;
+/// How much the reader asks the socket for at a time.
+pub const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Replies whose READ data is at most this long are copied into one buffer
+/// and sent with one write.
+pub const COALESCE_REPLY_BYTES: usize = 16 * 1024;
+/// Pause after an accept error that is not about one connection (e.g. EMFILE).
+pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
+
+const _: () = assert!(MAX_PAYLOAD_BYTES / 1024 < MAX_IN_FLIGHT_PAYLOAD_KIB_PER_CONN);
+
+/// The one export a server offers. The default export name "" maps to it too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportConfig {
+    pub name: String,
+    pub description: String,
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// Serves `export` over every listener until `shutdown` resolves; then stops
+/// accepting, lets in-flight requests finish (requests already received but
+/// not started get ESHUTDOWN), closes every connection and returns.
+pub async fn serve<T: BlockTarget>(
+    listeners: Vec<Listener>,
+    export: ExportConfig,
+    target: Arc<T>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    if listeners.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "serve needs at least one listener",
+        ));
+    }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Every connection holds a clone of `conns_tx`; recv() returns None when
+    // all of them are gone.
+    let (conns_tx, mut conns_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let export = Arc::new(export);
+    let mut accepts = JoinSet::new();
+    for listener in listeners {
+        accepts.spawn(accept_loop(
+            listener,
+            export.clone(),
+            target.clone(),
+            shutdown_rx.clone(),
+            conns_tx.clone(),
+        ));
+    }
+    drop(conns_tx);
+    shutdown.await;
+    info!("shutting down NBD server");
+    let _ = shutdown_tx.send(true);
+    while accepts.join_next().await.is_some() {}
+    let _ = conns_rx.recv().await;
+    info!("NBD server stopped");
+    Ok(())
+}
+
+async fn signalled(rx: &mut watch::Receiver<bool>) {
+    // A dropped sender also means: stop.
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+async fn accept_loop<T: BlockTarget>(
+    listener: Listener,
+    export: Arc<ExportConfig>,
+    target: Arc<T>,
+    mut shutdown: watch::Receiver<bool>,
+    conns: tokio::sync::mpsc::Sender<()>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = signalled(&mut shutdown) => return,
+            r = accept_one(&listener) => r,
+        };
+        match accepted {
+            Ok(AcceptedStream::Tcp(stream, peer)) => {
+                if let Err(e) = stream.set_nodelay(true) {
+                    warn!(%peer, "cannot set TCP_NODELAY: {e}");
+                }
+                spawn_connection(stream, peer, &export, &target, &shutdown, &conns);
+            }
+            Ok(AcceptedStream::Unix(stream, peer)) => {
+                spawn_connection(stream, peer, &export, &target, &shutdown, &conns);
+            }
+            Err(e) if is_per_connection_error(&e) => debug!("accept: {e}"),
+            Err(e) => {
+                warn!("accept failed: {e}");
+                tokio::select! {
+                    _ = signalled(&mut shutdown) => return,
+                    _ = tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS)) => {}
+                }
+            }
+        }
+    }
+}
+
+enum AcceptedStream {
+    Tcp(tokio::net::TcpStream, String),
+    Unix(tokio::net::UnixStream, String),
+}
+
+async fn accept_one(listener: &Listener) -> io::Result<AcceptedStream> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (s, peer) = l.accept().await?;
+            Ok(AcceptedStream::Tcp(s, peer.to_string()))
+        }
+        Listener::Unix(l) => {
+            let (s, peer) = l.accept().await?;
+            let peer = match peer.as_pathname() {
+                Some(p) => format!("unix:{}", p.display()),
+                None => "unix".to_owned(),
+            };
+            Ok(AcceptedStream::Unix(s, peer))
+        }
+    }
+}
+
+fn is_per_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+fn spawn_connection<S, T>(
+    stream: S,
+    peer: String,
+    export: &Arc<ExportConfig>,
+    target: &Arc<T>,
+    shutdown: &watch::Receiver<bool>,
+    conns: &tokio::sync::mpsc::Sender<()>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: BlockTarget,
+{
+    let span = tracing::info_span!("nbd_conn", peer = %peer);
+    let export = export.clone();
+    let target = target.clone();
+    let shutdown = shutdown.clone();
+    let guard = conns.clone();
+    tokio::spawn(
+        async move {
+            info!("client connected");
+            match serve_connection(stream, &export, target, shutdown).await {
+                Ok(reason) => info!("client disconnected: {reason}"),
+                Err(e) => info!("connection closed: {e}"),
+            }
+            drop(guard);
+        }
+        .instrument(span),
+    );
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("transmission: {0}")]
+    Transmission(#[from] TransmissionError),
+}
+
+/// Serves one accepted connection to its end; exposed so tests and other
+/// transports (e.g. an inetd-style pipe) can drive a single session.
+pub async fn serve_connection<S, T>(
+    mut stream: S,
+    export: &ExportConfig,
+    target: Arc<T>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<String, ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: BlockTarget,
+{
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut out = BytesMut::new();
+    Negotiation::encode_greeting(&mut out);
+    stream.write_all(&out).await?;
+    let Some(flags) = read_frame(&mut stream, &mut buf, &mut shutdown, ClientFlags::decode).await?
+    else {
+        return Ok("closed during handshake".into());
+    };
+    let mut negotiation = Negotiation::new(ExportInfo {
+        name: export.name.clone(),
+        description: export.description.clone(),
+        size_bytes: target.size_bytes(),
+        flags: target.flags(),
+    });
+    negotiation.client_flags(flags)?;
+    let params = loop {
+        let Some(opt) =
+            read_frame(&mut stream, &mut buf, &mut shutdown, ClientOption::decode).await?
+        else {
+            return Ok("closed during option negotiation".into());
+        };
+        debug!(option = opt.option, len_bytes = opt.data.len(), "option");
+        out.clear();
+        let step = negotiation.handle_option(opt, &mut out);
+        stream.write_all(&out).await?;
+        match step {
+            Step::Continue => {}
+            Step::Close(reason) => return Ok(reason),
+            Step::Transmission(params) => break params,
+        }
+    };
+    info!(
+        structured = params.structured_replies,
+        flags = params.transmission_flags,
+        "negotiated, entering transmission"
+    );
+    transmission(stream, buf, params, target, shutdown).await
+}
+
+/// Reads until `decode` yields a frame; `None` on EOF or shutdown.
+async fn read_frame<S, F, E, X>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    shutdown: &mut watch::Receiver<bool>,
+    decode: F,
+) -> Result<Option<X>, ConnectionError>
+where
+    S: AsyncRead + Unpin,
+    F: Fn(&mut BytesMut) -> Result<Option<X>, E>,
+    ConnectionError: From<E>,
+{
+    loop {
+        if let Some(x) = decode(buf)? {
+            return Ok(Some(x));
+        }
+        buf.reserve(READ_CHUNK_BYTES.min(64 * 1024));
+        let n = tokio::select! {
+            biased;
+            _ = signalled(shutdown) => return Ok(None),
+            n = stream.read_buf(buf) => n?,
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+type SharedWriter<S> = Arc<Mutex<WriteHalf<S>>>;
+
+async fn send<S: AsyncWrite>(writer: &SharedWriter<S>, mut out: Outgoing) -> io::Result<()> {
+    if !out.data.is_empty() && out.data.len() <= COALESCE_REPLY_BYTES {
+        out.head.extend_from_slice(&out.data);
+        out.data.clear();
+    }
+    let mut w = writer.lock().await;
+    w.write_all(&out.head).await?;
+    if !out.data.is_empty() {
+        w.write_all(&out.data).await?;
+    }
+    Ok(())
+}
+
+/// Payload cost of a request in the byte budget, in KiB (rounded up).
+fn cost_kib(h: &RequestHeader, cmd: &Result<Command, command::Rejection>) -> u32 {
+    match cmd {
+        Ok(Command::Read { len_bytes, .. }) => len_bytes.div_ceil(1024),
+        Ok(Command::Write { data, .. }) => (data.len() as u32).div_ceil(1024),
+        _ => {
+            let _ = h;
+            0
+        }
+    }
+}
+
+async fn transmission<S, T>(
+    stream: S,
+    mut buf: BytesMut,
+    params: SessionParams,
+    target: Arc<T>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<String, ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: BlockTarget,
+{
+    let (mut reader, writer) = tokio::io::split(stream);
+    let writer: SharedWriter<S> = Arc::new(Mutex::new(writer));
+    let window = Arc::new(Semaphore::new(MAX_IN_FLIGHT_REQUESTS_PER_CONN));
+    let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PAYLOAD_KIB_PER_CONN as usize));
+    // Set by a request task whose reply could not be written.
+    let (broken_tx, mut broken_rx) = watch::channel(false);
+    let broken_tx = Arc::new(broken_tx);
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut decoder = RequestDecoder::new();
+    let mut shutting_down = false;
+    let mut result: Result<String, ConnectionError> = Ok("client closed the connection".into());
+
+    loop {
+        while let Some(joined) = tasks.try_join_next() {
+            if let Err(e) = joined {
+                warn!("request task failed: {e}");
+            }
+        }
+        let incoming = match decoder.decode(&mut buf) {
+            Ok(Some(incoming)) => incoming,
+            Ok(None) if shutting_down => {
+                result = Ok("server shutting down".into());
+                break;
+            }
+            Ok(None) => {
+                buf.reserve(READ_CHUNK_BYTES);
+                let n = tokio::select! {
+                    biased;
+                    _ = signalled(&mut broken_rx) => {
+                        result = Ok("reply could not be sent".into());
+                        break;
+                    }
+                    _ = signalled(&mut shutdown) => {
+                        shutting_down = true;
+                        continue;
+                    }
+                    n = reader.read_buf(&mut buf) => n,
+                };
+                match n {
+                    Ok(0) => break,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        result = Err(e.into());
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                warn!("cannot parse request stream: {e}");
+                result = Err(e.into());
+                break;
+            }
+        };
+        let (header, validated) = match incoming {
+            Incoming::Request { header, payload } => {
+                let v = command::validate(&header, payload, &params);
+                (header, v)
+            }
+            Incoming::OversizedWrite { header } => (header, Err(oversized_write(&header))),
+        };
+        debug!(
+            cookie = header.cookie,
+            command = command_name(header.command),
+            flags = header.flags,
+            offset = header.offset,
+            len_bytes = header.length,
+            "request"
+        );
+        if matches!(validated, Ok(Command::Disconnect)) {
+            result = Ok("client sent DISC".into());
+            break;
+        }
+        if shutting_down {
+            let out = error_reply(&header, &params, ESHUTDOWN, "the server is shutting down");
+            if let Err(e) = send(&writer, out).await {
+                result = Err(e.into());
+                break;
+            }
+            continue;
+        }
+        let cost = cost_kib(&header, &validated);
+        let permits = tokio::select! {
+            biased;
+            _ = signalled(&mut broken_rx) => {
+                result = Ok("reply could not be sent".into());
+                break;
+            }
+            _ = signalled(&mut shutdown) => {
+                shutting_down = true;
+                None
+            }
+            p = acquire(&window, &budget, cost) => Some(p),
+        };
+        let Some(permits) = permits else {
+            let out = error_reply(&header, &params, ESHUTDOWN, "the server is shutting down");
+            if let Err(e) = send(&writer, out).await {
+                result = Err(e.into());
+                break;
+            }
+            continue;
+        };
+        let target = target.clone();
+        let writer = writer.clone();
+        let broken_tx = broken_tx.clone();
+        tasks.spawn(
+            async move {
+                let out = match validated {
+                    Ok(cmd) => execute(&*target, &header, &params, cmd).await,
+                    Err(rej) => {
+                        debug!(
+                            cookie = header.cookie,
+                            errno = rej.errno,
+                            "rejected: {}",
+                            rej.message
+                        );
+                        error_reply(&header, &params, rej.errno, &rej.message)
+                    }
+                };
+                if let Err(e) = send(&writer, out).await {
+                    debug!(cookie = header.cookie, "reply not sent: {e}");
+                    let _ = broken_tx.send(true);
+                }
+                drop(permits);
+            }
+            .in_current_span(),
+        );
+    }
+    // DISC, EOF, shutdown or a broken stream: finish what is in flight.
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            warn!("request task failed: {e}");
+        }
+    }
+    let _ = writer.lock().await.shutdown().await;
+    result
+}
+
+async fn acquire(
+    window: &Arc<Semaphore>,
+    budget: &Arc<Semaphore>,
+    cost_kib: u32,
+) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
+    let slot = window
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("window semaphore is never closed");
+    let bytes = budget
+        .clone()
+        .acquire_many_owned(cost_kib)
+        .await
+        .expect("budget semaphore is never closed");
+    (slot, bytes)
+}
