@@ -639,3 +639,258 @@ impl Iterator for SetRuns<'_> {
         Some(start..end)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const BB: u32 = 4096;
+
+    fn model_set(model: &mut [bool], offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let bb = u64::from(BB);
+        for b in offset / bb..(offset + len).div_ceil(bb) {
+            model[b as usize] = true;
+        }
+    }
+
+    fn model_clear(model: &mut [bool], size: u64, offset: u64, len: u64) {
+        let bb = u64::from(BB);
+        for (b, bit) in model.iter_mut().enumerate() {
+            let start = b as u64 * bb;
+            let end = (start + bb).min(size);
+            if start >= offset && end <= offset + len {
+                *bit = false;
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Set(u64, u64),
+        Clear(u64, u64),
+    }
+
+    fn arb_case() -> impl Strategy<Value = (u64, Vec<Op>)> {
+        (1u64..3_000_000).prop_flat_map(|size| {
+            let op = (0..size, 0..size, any::<bool>()).prop_map(move |(a, l, set)| {
+                let len = l.min(size - a);
+                if set {
+                    Op::Set(a, len)
+                } else {
+                    Op::Clear(a, len)
+                }
+            });
+            (Just(size), proptest::collection::vec(op, 0..40))
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn bitmap_matches_a_vec_bool_model((size, ops) in arb_case()) {
+            // Proves set_range/clear_range (partial-block rules), count,
+            // next_set, next_clear and runs agree with a naive model.
+            let mut bm = Bitmap::new(size, BB).expect("valid");
+            let mut model = vec![false; blocks_for(size, BB) as usize];
+            for op in ops {
+                match op {
+                    Op::Set(o, l) => { bm.set_range(o, l).expect("in range"); model_set(&mut model, o, l) }
+                    Op::Clear(o, l) => { bm.clear_range(o, l).expect("in range"); model_clear(&mut model, size, o, l) }
+                }
+            }
+            prop_assert_eq!(bm.count(), model.iter().filter(|&&b| b).count() as u64);
+            for (i, &bit) in model.iter().enumerate() {
+                prop_assert_eq!(bm.get(BlockIndex(i as u64)), bit);
+                let want_set = model[i..].iter().position(|&b| b).map(|p| BlockIndex((i + p) as u64));
+                prop_assert_eq!(bm.next_set(BlockIndex(i as u64)), want_set);
+                let want_clear = model[i..].iter().position(|&b| !b).map(|p| BlockIndex((i + p) as u64));
+                prop_assert_eq!(bm.next_clear(BlockIndex(i as u64)), want_clear);
+            }
+            let from_runs: u64 = bm.runs().map(|r| r.end.0 - r.start.0).sum();
+            prop_assert_eq!(from_runs, bm.count());
+            let expected_bytes: u64 = model.iter().enumerate().filter(|(_, &b)| b)
+                .map(|(i, _)| bm.block_range_bytes(BlockIndex(i as u64)).1).sum();
+            prop_assert_eq!(bm.out_of_sync_bytes(), expected_bytes);
+        }
+
+        #[test]
+        fn rle_chunks_reproduce_the_bitmap((size, ops) in arb_case(), budget in MIN_RLE_CHUNK_BYTES..64) {
+            // Proves a bitmap sent as RLE chunks of any budget rebuilds
+            // exactly on the receiver, and every chunk respects its budget.
+            let mut bm = Bitmap::new(size, BB).expect("valid");
+            for op in ops {
+                if let Op::Set(o, l) = op { bm.set_range(o, l).expect("in range"); }
+            }
+            let mut rx = Bitmap::new(size, BB).expect("valid");
+            let mut pos = BlockIndex(0);
+            let mut chunks = 0;
+            while pos.0 < bm.len_blocks() {
+                let (code, next) = bm.encode_rle(pos, budget);
+                prop_assert!(code.len() <= budget);
+                prop_assert!(next > pos, "chunk must make progress");
+                prop_assert_eq!(rx.apply_rle(pos, &code), Ok(next));
+                pos = next;
+                chunks += 1;
+                prop_assert!(chunks <= bm.len_blocks() + 1);
+            }
+            prop_assert_eq!(rx.count(), bm.count());
+            prop_assert_eq!(rx.runs().collect::<Vec<_>>(), bm.runs().collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn arbitrary_rle_never_panics(start in 0u64..200, code in proptest::collection::vec(any::<u8>(), 0..64)) {
+            // Proves a hostile run-length chunk is refused or applied within
+            // bounds, never panics and never sets bits past the end.
+            let mut bm = Bitmap::new(100 * u64::from(BB), BB).expect("valid");
+            if let Ok(end) = bm.apply_rle(BlockIndex(start), &code) {
+                prop_assert!(end.0 <= 100);
+            }
+            prop_assert!(bm.count() <= 100);
+        }
+    }
+
+    #[test]
+    fn partial_block_write_sets_but_does_not_clear() {
+        // Proves the documented asymmetry: a partial range marks the block but
+        // cannot clear it; a range covering the short last block clears it.
+        let mut bm = Bitmap::new(3 * 4096 + 100, BB).expect("valid");
+        assert_eq!(bm.len_blocks(), 4);
+        assert_eq!(bm.set_range(4095, 2), Ok(2));
+        assert_eq!(bm.clear_range(0, 4096 + 4095), Ok(1));
+        assert!(bm.get(BlockIndex(1)));
+        assert_eq!(bm.set_range(3 * 4096 + 50, 1), Ok(1));
+        assert_eq!(bm.out_of_sync_bytes(), 4096 + 100);
+        assert_eq!(bm.clear_range(3 * 4096, 100), Ok(1));
+        assert_eq!(bm.count(), 1);
+    }
+
+    #[test]
+    fn out_of_bounds_ranges_and_bad_geometry_are_errors() {
+        // Proves ranges past the end (or overflowing) and invalid granularities
+        // are refused instead of panicking.
+        let mut bm = Bitmap::new(8192, BB).expect("valid");
+        assert!(matches!(
+            bm.set_range(8000, 200),
+            Err(BitmapError::RangeOutOfBounds { .. })
+        ));
+        assert!(matches!(
+            bm.clear_range(u64::MAX, 2),
+            Err(BitmapError::RangeOutOfBounds { .. })
+        ));
+        assert_eq!(
+            Bitmap::new(8192, 3000).unwrap_err(),
+            BitmapError::BadBlockSize { block_bytes: 3000 }
+        );
+        assert!(matches!(
+            Bitmap::new(u64::MAX, BB),
+            Err(BitmapError::TooLarge { .. })
+        ));
+        let other = Bitmap::new(4096, BB).expect("valid");
+        assert!(matches!(
+            bm.merge(&other),
+            Err(BitmapError::GeometryMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn merge_ors_bits_and_counts_new_ones() {
+        // Proves merge is a bitwise OR and that count stays exact.
+        let mut a = Bitmap::new(1 << 20, BB).expect("valid");
+        let mut b = a.clone();
+        a.set_blocks(BlockIndex(0)..BlockIndex(10));
+        b.set_blocks(BlockIndex(5)..BlockIndex(20));
+        assert_eq!(a.merge(&b), Ok(10));
+        assert_eq!(a.count(), 20);
+        assert_eq!(
+            a.runs().collect::<Vec<_>>(),
+            vec![BlockIndex(0)..BlockIndex(20)]
+        );
+    }
+
+    #[test]
+    fn dirty_pages_track_changed_pages_and_reload_round_trips() {
+        // Proves only pages whose bits changed are reported dirty, that taking
+        // them resets tracking, and that encode_page/load_page round trip.
+        let mut bm = Bitmap::new(4 * BITS_PER_PAGE * u64::from(BB), BB).expect("valid");
+        assert_eq!(bm.page_count(), 4);
+        bm.set_blocks(BlockIndex(BITS_PER_PAGE * 2 + 5)..BlockIndex(BITS_PER_PAGE * 2 + 6));
+        bm.set_blocks(BlockIndex(BITS_PER_PAGE - 1)..BlockIndex(BITS_PER_PAGE + 1));
+        assert_eq!(bm.take_dirty_pages(), vec![0, 1, 2]);
+        assert!(bm.dirty_pages().is_empty());
+        bm.set_blocks(BlockIndex(0)..BlockIndex(1));
+        bm.set_blocks(BlockIndex(0)..BlockIndex(1));
+        assert_eq!(bm.dirty_pages(), vec![0]);
+
+        let mut loaded = Bitmap::new(bm.size_bytes(), BB).expect("valid");
+        for p in 0..bm.page_count() {
+            loaded
+                .load_page(p, &bm.encode_page(p).expect("page"))
+                .expect("load");
+        }
+        assert_eq!(loaded.count(), bm.count());
+        assert_eq!(
+            loaded.runs().collect::<Vec<_>>(),
+            bm.runs().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn page_with_bits_past_the_end_is_refused() {
+        // Proves load_page rejects a page that sets bits beyond the last block
+        // (foreign or corrupt metadata) and leaves the count untouched.
+        let mut bm = Bitmap::new(10 * u64::from(BB), BB).expect("valid");
+        let mut page = vec![0u8; BITMAP_PAGE_BYTES];
+        page[0] = 0xff;
+        page[1] = 0x04; // bit 10: the 11th block of a 10-block bitmap
+        assert!(matches!(
+            bm.load_page(0, &page),
+            Err(BitmapError::BadPage { page: 0, .. })
+        ));
+        assert_eq!(bm.count(), 0);
+        assert!(bm.load_page(0, &page[..100]).is_err());
+        assert!(bm.load_page(1, &page).is_err());
+    }
+
+    #[test]
+    fn rle_of_a_huge_sparse_bitmap_fits_one_chunk() {
+        // Proves the run-length code stays tiny for sparse bitmaps: a 1 TiB
+        // device with three dirty runs encodes in a handful of bytes.
+        let mut bm = Bitmap::new(1 << 40, BB).expect("valid");
+        bm.set_blocks(BlockIndex(7)..BlockIndex(9));
+        bm.set_blocks(BlockIndex(1 << 20)..BlockIndex((1 << 20) + 1));
+        bm.set_blocks(BlockIndex((1 << 28) - 1)..BlockIndex(1 << 28));
+        let (code, next) = bm.encode_rle(BlockIndex(0), 1024);
+        assert_eq!(next, BlockIndex(1 << 28));
+        assert!(code.len() < 32, "{} bytes", code.len());
+        // Pinned encoding of the first runs: clear 7, set 2.
+        assert_eq!(&code[..2], &[7, 2]);
+    }
+
+    #[test]
+    fn malformed_rle_is_refused_with_position() {
+        // Proves zero-length runs, runs past the end and truncated varints are
+        // errors naming the byte position.
+        let mut bm = Bitmap::new(100 * u64::from(BB), BB).expect("valid");
+        assert!(matches!(
+            bm.apply_rle(BlockIndex(0), &[1, 0]),
+            Err(BitmapError::BadRle { at: 1, .. })
+        ));
+        assert!(matches!(
+            bm.apply_rle(BlockIndex(0), &[50, 51]),
+            Err(BitmapError::BadRle { at: 1, .. })
+        ));
+        assert!(matches!(
+            bm.apply_rle(BlockIndex(0), &[0x80]),
+            Err(BitmapError::BadRle { at: 0, .. })
+        ));
+        assert!(matches!(
+            bm.apply_rle(BlockIndex(101), &[]),
+            Err(BitmapError::BadRle { .. })
+        ));
+        assert_eq!(bm.apply_rle(BlockIndex(0), &[0, 100]), Ok(BlockIndex(100)));
+        assert_eq!(bm.count(), 100);
+    }
+}
