@@ -1,0 +1,13 @@
+//! The control plane: how `replctl` talks to a running `replicatord`.
+//!
+//! - [`protocol`]: the JSON-line request/response/status/event types (pure).
+//! - [`server`]: the Unix socket server that hands requests to the daemon's
+//!   [`server::ControlHandler`] and streams events.
+//! - [`client`]: the client side used by `replctl`.
+//!
+//! Must not carry out commands itself: the daemon's handler does.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod protocol;
+pub mod server;
