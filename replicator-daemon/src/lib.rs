@@ -1,1 +1,16 @@
 //! replicator-daemon: the only crate that does I/O.
+//!
+//! Module map:
+//! - [`config`]: the resource TOML file, parsed and validated.
+//! - [`control`]: the control socket protocol, server and client.
+//! - [`replctl`]: the operator tool's logic (the `replctl` binary is a thin main).
+//! - [`disk`]: the backing disk: the [`disk::DiskEngine`] trait and its
+//!   io_uring and sync engines (the only `unsafe` code is in `disk::uring`).
+//! - [`target`]: the NBD target over a local disk (unreplicated serving).
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod control;
+pub mod disk;
+pub mod replctl;
+pub mod target;
