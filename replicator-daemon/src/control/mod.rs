@@ -11,3 +11,8 @@
 pub mod client;
 pub mod protocol;
 pub mod server;
+
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;

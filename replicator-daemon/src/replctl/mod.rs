@@ -423,3 +423,6 @@ async fn wait_for(
         was_paused = paused;
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,492 @@
+//! `replctl`'s logic against a fake control server on a real Unix socket:
+//! output, exit statuses, error sentences, `--wait` progress, `events`.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::control::protocol::{
+    change_events, DiskState, Event, EventObject, PeerRole, ReplicationState, Role,
+};
+use crate::control::testing::{sample_status, wait_until, FakeHandler, Fixture, TEST_DEADLINE_MS};
+
+/// A `Write` whose bytes the test can read while `run` still holds it.
+#[derive(Debug, Clone, Default)]
+struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl SharedBuf {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+impl Write for SharedBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Outcome {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+fn socket_args(path: &Path) -> TargetArgs {
+    TargetArgs {
+        socket: Some(path.to_owned()),
+        ..TargetArgs::default()
+    }
+}
+
+async fn run_capture(target: &TargetArgs, command: ControlCommand, tty: bool) -> Outcome {
+    let (out, err) = (SharedBuf::default(), SharedBuf::default());
+    let (mut o, mut e) = (out.clone(), err.clone());
+    let mut console = Console {
+        out: &mut o,
+        err: &mut e,
+        out_is_tty: tty,
+    };
+    let code = tokio::time::timeout(
+        std::time::Duration::from_millis(TEST_DEADLINE_MS),
+        run(target, &command, &mut console),
+    )
+    .await
+    .expect("replctl did not finish in time");
+    Outcome {
+        code,
+        out: out.text(),
+        err: err.text(),
+    }
+}
+
+fn syncing(done_mib: u64, replication: ReplicationState) -> StatusReport {
+    let mut s = sample_status();
+    s.replication = replication;
+    s.peer_disk = DiskState::Inconsistent;
+    s.out_of_sync_bytes = (100 - done_mib) << 20;
+    s.resync = Some(Progress {
+        done_bytes: done_mib << 20,
+        total_bytes: 100 << 20,
+        rate_bytes_per_s: 10 << 20,
+        eta_s: Some((100 - done_mib) / 10),
+    });
+    s
+}
+
+#[tokio::test]
+async fn status_prints_the_human_rendering() {
+    // Proves `status` prints exactly render::status_text of the daemon's
+    // status and exits 0.
+    let mut fx = Fixture::start(FakeHandler::scripted(vec![sample_status()]), 16);
+    let o = run_capture(
+        &socket_args(&fx.path),
+        ControlCommand::Status { json: false },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_OK, "{}", o.err);
+    assert_eq!(o.out, render::status_text(&sample_status()));
+    assert!(o.out.starts_with("vm1 role:Primary\n"));
+    assert!(o.err.is_empty());
+    fx.shutdown().await;
+}
+
+#[tokio::test]
+async fn status_json_has_every_stable_field() {
+    // Proves `status --json` is one JSON object with the stable DESIGN.md
+    // §2 fields and their documented values.
+    let mut fx = Fixture::start(FakeHandler::scripted(vec![sample_status()]), 16);
+    let o = run_capture(
+        &socket_args(&fx.path),
+        ControlCommand::Status { json: true },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_OK, "{}", o.err);
+    let value: serde_json::Value = serde_json::from_str(&o.out).unwrap();
+    let expected = serde_json::json!({
+        "resource": "vm1", "node": "alpha", "role": "Primary", "disk": "UpToDate",
+        "connection": "Connected", "replication": "Established", "peer_role": "Secondary",
+        "peer_disk": "UpToDate", "size_bytes": 1073741824u64, "out_of_sync_bytes": 0,
+        "resync": null
+    });
+    for (key, want) in expected.as_object().unwrap() {
+        assert_eq!(&value[key], want, "field {key}");
+    }
+    fx.shutdown().await;
+}
+
+#[tokio::test]
+async fn each_command_sends_its_request_and_prints_the_daemon_message() {
+    // Proves the command-to-request mapping (flags included) and that the
+    // daemon's message is printed with exit status 0.
+    let mut fx = Fixture::start(FakeHandler::scripted(vec![sample_status()]), 16);
+    let cases = [
+        (
+            ControlCommand::Primary { force: true },
+            Request::Primary { force: true },
+        ),
+        (
+            ControlCommand::Secondary { force: false },
+            Request::Secondary { force: false },
+        ),
+        (ControlCommand::Connect, Request::Connect),
+        (ControlCommand::Disconnect, Request::Disconnect),
+        (ControlCommand::Resync { wait: false }, Request::Resync),
+        (ControlCommand::Verify { wait: false }, Request::Verify),
+        (ControlCommand::Invalidate, Request::Invalidate),
+        (ControlCommand::InvalidateRemote, Request::InvalidateRemote),
+        (ControlCommand::PauseSync, Request::PauseSync),
+        (ControlCommand::ResumeSync, Request::ResumeSync),
+        (
+            ControlCommand::NewCurrentUuid { clear_bitmap: true },
+            Request::NewCurrentUuid { clear_bitmap: true },
+        ),
+    ];
+    for (command, request) in cases.clone() {
+        let o = run_capture(&socket_args(&fx.path), command, false).await;
+        assert_eq!(o.code, EXIT_OK, "{}", o.err);
+        assert_eq!(o.out, format!("{} done\n", request.name()));
+    }
+    let sent: Vec<Request> = cases.into_iter().map(|(_, r)| r).collect();
+    assert_eq!(fx.handler.requests(), sent);
+    fx.shutdown().await;
+}
+
+#[tokio::test]
+async fn refused_command_exits_1_with_the_daemon_sentence_on_stderr() {
+    // Proves a refusal is one line on stderr, nothing on stdout, exit 1.
+    let mut fx = Fixture::start(
+        FakeHandler::refusing("The local disk is Outdated; use --force."),
+        16,
+    );
+    let o = run_capture(
+        &socket_args(&fx.path),
+        ControlCommand::Primary { force: false },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_FAILED);
+    assert_eq!(
+        o.err,
+        "replctl: primary refused: The local disk is Outdated; use --force.\n"
+    );
+    assert!(o.out.is_empty());
+    fx.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_daemon_on_socket_exits_3_with_the_sentence() {
+    // Proves the "daemon not running" case via --socket.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1-alpha.sock");
+    let o = run_capture(
+        &socket_args(&path),
+        ControlCommand::Status { json: false },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_NO_DAEMON);
+    assert_eq!(
+        o.err,
+        format!(
+            "replctl: cannot reach the daemon at {}: is replicatord running?\n",
+            path.display()
+        )
+    );
+}
+
+#[tokio::test]
+async fn no_daemon_for_config_node_names_resource_node_and_socket() {
+    // Proves --config/--node resolves the node's `control` key and the
+    // sentence names vm1/alpha and that path.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm1-alpha.sock");
+    let config = dir.path().join("vm1.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "resource = \"vm1\"\nsecret = \"s\"\n\
+             [nodes.alpha]\nreplication = \"127.0.0.1:7789\"\nnbd = \"127.0.0.1:10809\"\n\
+             control = \"{}\"\ndisk = \"{}\"\nmeta = \"internal\"\n\
+             [nodes.bravo]\nreplication = \"127.0.0.1:7790\"\nnbd = \"127.0.0.1:10810\"\n\
+             control = \"{}\"\ndisk = \"{}\"\nmeta = \"internal\"\n",
+            socket.display(),
+            dir.path().join("a.img").display(),
+            dir.path().join("b.sock").display(),
+            dir.path().join("b.img").display(),
+        ),
+    )
+    .unwrap();
+    let target = TargetArgs {
+        config: Some(config),
+        node: Some("alpha".into()),
+        socket: None,
+    };
+    let o = run_capture(&target, ControlCommand::Connect, false).await;
+    assert_eq!(o.code, EXIT_NO_DAEMON, "{}", o.err);
+    assert_eq!(
+        o.err,
+        format!(
+            "replctl: cannot reach the daemon of vm1/alpha at {}: is replicatord running?\n",
+            socket.display()
+        )
+    );
+}
+
+#[tokio::test]
+async fn missing_or_conflicting_target_arguments_exit_1_with_a_sentence() {
+    // Proves argument mistakes are explained in one line, never a panic.
+    let cases = [
+        (TargetArgs::default(), "say which daemon"),
+        (
+            TargetArgs {
+                config: Some("/nonexistent/vm1.toml".into()),
+                node: None,
+                socket: None,
+            },
+            "--config needs --node",
+        ),
+        (
+            TargetArgs {
+                config: Some("/nonexistent/vm1.toml".into()),
+                node: Some("alpha".into()),
+                socket: None,
+            },
+            "/nonexistent/vm1.toml",
+        ),
+        (
+            TargetArgs {
+                config: Some("a".into()),
+                node: Some("b".into()),
+                socket: Some("c".into()),
+            },
+            "not both",
+        ),
+    ];
+    for (target, needle) in cases {
+        let o = run_capture(&target, ControlCommand::Status { json: false }, false).await;
+        assert_eq!(o.code, EXIT_FAILED);
+        assert!(
+            o.err.starts_with("replctl: ") && o.err.contains(needle),
+            "{}",
+            o.err
+        );
+        assert_eq!(o.err.lines().count(), 1, "{}", o.err);
+    }
+}
+
+#[tokio::test]
+async fn resync_wait_without_tty_prints_plain_progress_pause_and_final_line() {
+    // Proves --wait follows a resync through a pause to the end: plain lines
+    // (no control characters), the pause is reported and not treated as an
+    // abort, a final line, exit 0.
+    let script = vec![
+        syncing(20, ReplicationState::SyncSource),
+        syncing(40, ReplicationState::PausedSyncS),
+        syncing(40, ReplicationState::PausedSyncS),
+        syncing(70, ReplicationState::SyncSource),
+        sample_status(),
+    ];
+    let mut fx = Fixture::start(FakeHandler::scripted(script), 16);
+    let o = run_capture(
+        &socket_args(&fx.path),
+        ControlCommand::Resync { wait: true },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_OK, "{}", o.err);
+    let lines: Vec<&str> = o.out.lines().collect();
+    assert_eq!(lines[0], "resync done");
+    assert_eq!(
+        lines[1],
+        "resync 20.00% 20.0MiB of 100.0MiB at 10.0MiB/s, ETA 0:08"
+    );
+    assert_eq!(
+        lines[2],
+        "resync 40.00% 40.0MiB of 100.0MiB, paused (resume-sync continues it)"
+    );
+    // The repeated paused status printed nothing; the resume printed at once.
+    assert_eq!(
+        lines[3],
+        "resync 70.00% 70.0MiB of 100.0MiB at 10.0MiB/s, ETA 0:03"
+    );
+    assert_eq!(lines[4], "resync done (100.0MiB processed): 0B out of sync");
+    assert_eq!(lines.len(), 5);
+    assert!(!o.out.contains('\r'));
+    fx.shutdown().await;
+}
+
+#[tokio::test]
+async fn resync_wait_on_a_tty_redraws_one_bar_then_prints_the_final_line() {
+    // Proves the terminal form: bars drawn with \r on one line, a newline
+    // before the final line.
+    let script = vec![syncing(50, ReplicationState::SyncSource), sample_status()];
+    let mut fx = Fixture::start(FakeHandler::scripted(script), 16);
+    let o = run_capture(
+        &socket_args(&fx.path),
+        ControlCommand::Resync { wait: true },
+        true,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_OK, "{}", o.err);
+    let bar = render::progress_bar(
+        WaitOp::Resync,
+        &syncing(50, ReplicationState::SyncSource).resync.unwrap(),
+        false,
+    );
+    assert_eq!(
+        o.out,
+        format!("resync done\n{bar}\nresync done (100.0MiB processed): 0B out of sync\n")
+    );
+    fx.shutdown().await;
+}
+
+#[tokio::test]
+async fn resync_wait_exits_1_when_the_link_is_lost() {
+    // Proves a lost link aborts --wait with exit 1 and a sentence that
+    // carries the daemon's reason.
+    let mut lost = sample_status();
+    lost.connection = ConnectionState::Connecting;
+    lost.replication = ReplicationState::Off;
+    lost.peer_role = PeerRole::Unknown;
+    lost.connection_error = Some("The peer stopped answering pings.".into());
+    let script = vec![syncing(10, ReplicationState::SyncSource), lost];
+    let mut fx = Fixture::start(FakeHandler::scripted(script), 16);
+    let o = run_capture(
+        &socket_args(&fx.path),
+        ControlCommand::Resync { wait: true },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_FAILED);
+    assert_eq!(
+        o.err,
+        "replctl: resync aborted: the link to bravo is Connecting: The peer stopped answering pings.\n"
+    );
+    fx.shutdown().await;
+}
+
+#[tokio::test]
+async fn verify_wait_reports_differences_found() {
+    // Proves verify --wait follows VerifyS and the final line reports the
+    // out-of-sync amount the verify found.
+    let mut running = sample_status();
+    running.replication = ReplicationState::VerifyS;
+    running.verify = Some(Progress {
+        done_bytes: 30 << 20,
+        total_bytes: 100 << 20,
+        rate_bytes_per_s: 0,
+        eta_s: None,
+    });
+    let mut found = sample_status();
+    found.out_of_sync_bytes = 8192;
+    let mut fx = Fixture::start(FakeHandler::scripted(vec![running, found]), 16);
+    let o = run_capture(
+        &socket_args(&fx.path),
+        ControlCommand::Verify { wait: true },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_OK, "{}", o.err);
+    assert_eq!(
+        o.out,
+        "verify done\nverify 30.00% 30.0MiB of 100.0MiB at 0B/s, ETA --:--\n\
+         verify done (100.0MiB processed): 8.0KiB out of sync; `replctl resync` repairs it\n"
+    );
+    fx.shutdown().await;
+}
+
+#[test]
+fn classify_covers_running_paused_done_and_aborted() {
+    // Proves the --wait decision table on single statuses.
+    let running = syncing(10, ReplicationState::SyncTarget);
+    assert_eq!(
+        classify(WaitOp::Resync, &running),
+        WaitState::Running(running.resync)
+    );
+    let mut starting = sample_status();
+    starting.replication = ReplicationState::WFBitMapS;
+    assert_eq!(
+        classify(WaitOp::Resync, &starting),
+        WaitState::Running(None)
+    );
+    let paused = syncing(10, ReplicationState::PausedSyncT);
+    assert_eq!(
+        classify(WaitOp::Resync, &paused),
+        WaitState::Paused(paused.resync)
+    );
+    assert_eq!(classify(WaitOp::Resync, &sample_status()), WaitState::Done);
+    assert_eq!(classify(WaitOp::Verify, &sample_status()), WaitState::Done);
+    let mut standalone = sample_status();
+    standalone.connection = ConnectionState::StandAlone;
+    standalone.split_brain = true;
+    standalone.last_refusal = Some("Split brain detected.".into());
+    assert_eq!(
+        classify(WaitOp::Verify, &standalone),
+        WaitState::Aborted(
+            "verify aborted: the link to bravo is StandAlone: Split brain detected.".into()
+        )
+    );
+    let mut other = sample_status();
+    other.replication = ReplicationState::VerifyT;
+    assert!(matches!(
+        classify(WaitOp::Resync, &other),
+        WaitState::Aborted(s) if s.contains("VerifyT")
+    ));
+}
+
+#[tokio::test]
+async fn events_prints_the_dump_and_changes_as_json_lines() {
+    // Proves `replctl events` prints each event line as received (dump, end
+    // marker, changes) and exits 1 saying so when the daemon goes away.
+    let mut fx = Fixture::start(FakeHandler::scripted(vec![sample_status()]), 16);
+    let target = socket_args(&fx.path);
+    let out = SharedBuf::default();
+    let err = SharedBuf::default();
+    let (mut o, mut e) = (out.clone(), err.clone());
+    let replctl = async {
+        let mut console = Console {
+            out: &mut o,
+            err: &mut e,
+            out_is_tty: false,
+        };
+        run(&target, &ControlCommand::Events, &mut console).await
+    };
+    let driver = async {
+        wait_until("the dump is printed", || out.text().lines().count() == 5).await;
+        let mut new = sample_status();
+        new.role = Role::Secondary;
+        for event in change_events(&sample_status(), &new, "t") {
+            fx.events.send(event).unwrap();
+        }
+        wait_until("the change is printed", || out.text().lines().count() == 6).await;
+        fx.shutdown().await;
+    };
+    let (code, ()) =
+        tokio::time::timeout(std::time::Duration::from_millis(TEST_DEADLINE_MS), async {
+            tokio::join!(replctl, driver)
+        })
+        .await
+        .expect("events did not finish");
+    let events: Vec<Event> = out
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events[0].object, EventObject::Resource);
+    assert!(events[4].is_end_of_dump());
+    assert_eq!(events[5].fields["role"], "Secondary");
+    assert_eq!(code, EXIT_FAILED);
+    assert!(
+        err.text().contains("closed the event stream"),
+        "{}",
+        err.text()
+    );
+}
