@@ -20,4 +20,5 @@ pub mod metadata;
 pub mod types;
 pub mod wire;
 
+pub mod engine;
 pub mod generation;

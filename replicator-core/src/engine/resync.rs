@@ -1,0 +1,725 @@
+//! Resync (SyncTarget pulls out-of-sync blocks from the SyncSource in a
+//! bounded window, in linear order), checksum-based resync, invalidate /
+//! invalidate-remote, and online verify.
+//!
+//! Resync data never overwrites a newer application write: on the source a
+//! resync read waits behind overlapping writes in the data FIFO (so the data
+//! it reads includes every write whose frame went out before it), and on the
+//! target resync writes and mirrored writes are applied in arrival order.
+//! Must not decide sync direction (see `handshake`).
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::write::DataItem;
+use super::{
+    AdminError, ConnState, DiskError, DiskOp, Engine, Event, LockOwner, OpPurpose, Output,
+    ReplState, ResyncProgress, Time,
+};
+use crate::generation;
+use crate::types::{BlockIndex, DiskState, GenerationUuids, NodeRole, RequestId};
+use crate::wire::Message;
+
+/// Most resync requests a SyncTarget has in flight.
+pub const RESYNC_MAX_INFLIGHT_REQUESTS: usize = 32;
+/// Largest range one resync request covers.
+pub const RESYNC_REQUEST_MAX_BYTES: u64 = 128 * 1024;
+/// Most verify requests in flight.
+pub const VERIFY_MAX_INFLIGHT_REQUESTS: usize = 16;
+/// Range one verify request covers.
+pub const VERIFY_REQUEST_BYTES: u64 = 128 * 1024;
+
+#[derive(Debug, Clone)]
+pub(super) struct ResyncItem {
+    pub id: RequestId,
+    pub offset: u64,
+    pub len: u64,
+    /// Target: the data to write. Source: unused.
+    pub data: Bytes,
+    /// Source: the target's digest (checksum-based resync).
+    pub digest: Option<[u8; 32]>,
+}
+
+#[derive(Debug)]
+pub(super) struct TargetState {
+    pub cursor: u64,
+    pub inflight: BTreeMap<RequestId, (u64, u64)>,
+    pub writes: BTreeMap<u64, ResyncItem>,
+    pub next_id: u64,
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub started: Time,
+    pub throttled_until: Option<Time>,
+    pub sent_bytes_for_rate: u64,
+    pub source_uuids: GenerationUuids,
+    pub finishing: bool,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct SourceState {
+    pub reads: BTreeMap<u64, ResyncItem>,
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+}
+
+#[derive(Debug)]
+pub(super) struct VerifyState {
+    /// I drive the verify (VerifyS).
+    pub driver: bool,
+    pub cursor: u64,
+    pub next_id: u64,
+    /// id -> (offset, len, my digest, peer digest)
+    pub pending: BTreeMap<RequestId, (u64, u64, Option<[u8; 32]>, Option<[u8; 32]>)>,
+    /// Reads in flight: op key -> request id (and whether to reply to peer).
+    pub reads: BTreeMap<u64, (RequestId, u64, u64, bool)>,
+    pub next_key: u64,
+    pub mismatched_bytes: u64,
+    pub done: bool,
+}
+
+fn digest(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+impl Engine {
+    pub(super) fn resync_item_range(&self, k: u64) -> (u64, u64) {
+        let item = self
+            .target
+            .as_ref()
+            .and_then(|t| t.writes.get(&k))
+            .or_else(|| self.source.as_ref().and_then(|s| s.reads.get(&k)))
+            .expect("queued resync item");
+        (item.offset, item.offset + item.len)
+    }
+
+    pub(super) fn start_resync_item(&mut self, item: DataItem) {
+        match item {
+            DataItem::ResyncRead(k) => {
+                let it = &self.source.as_ref().expect("source").reads[&k];
+                let (offset, len) = (it.offset, it.len);
+                self.new_op(
+                    OpPurpose::ResyncRead(k),
+                    DiskOp::Read {
+                        offset,
+                        len_bytes: len as u32,
+                    },
+                );
+            }
+            DataItem::ResyncWrite(k) => {
+                let it = &self.target.as_ref().expect("target").writes[&k];
+                let (offset, data) = (it.offset, it.data.clone());
+                self.new_op(
+                    OpPurpose::ResyncWrite(k),
+                    DiskOp::Write {
+                        offset,
+                        data,
+                        fua: false,
+                    },
+                );
+            }
+            _ => unreachable!("not a resync item"),
+        }
+    }
+
+    pub(super) fn start_sync_target(&mut self) {
+        let source_uuids = self
+            .hs
+            .peer_state
+            .map(|p| p.uuids)
+            .expect("peer state known");
+        self.set_disk(DiskState::Inconsistent);
+        // The merged bitmap must survive a crash before resync data lands.
+        self.bitmap.mark_all_dirty();
+        self.write_dirty_bitmap_pages();
+        self.write_superblock();
+        let total = self.bitmap.out_of_sync_bytes();
+        self.target = Some(TargetState {
+            cursor: 0,
+            inflight: BTreeMap::new(),
+            writes: BTreeMap::new(),
+            next_id: 1,
+            total_bytes: total,
+            done_bytes: 0,
+            started: self.now,
+            throttled_until: None,
+            sent_bytes_for_rate: 0,
+            source_uuids,
+            finishing: false,
+        });
+        self.set_repl(ReplState::SyncTarget);
+        self.update_paused();
+        self.resync_pump();
+    }
+
+    pub(super) fn start_sync_source(&mut self) {
+        let total = self.bitmap.out_of_sync_bytes();
+        self.source = Some(SourceState {
+            reads: BTreeMap::new(),
+            total_bytes: total,
+            done_bytes: 0,
+        });
+        self.set_repl(ReplState::SyncSource);
+        self.update_paused();
+        self.push(Output::Event(Event::Resync(ResyncProgress {
+            done_bytes: 0,
+            total_bytes: total,
+            rate_bytes_per_s: 0,
+            eta_s: 0,
+        })));
+    }
+
+    /// Issue resync requests while the window has room.
+    pub(super) fn resync_pump(&mut self) {
+        if self.repl != ReplState::SyncTarget || !self.replicating {
+            return;
+        }
+        let now = self.now;
+        let rate = self.cfg.resync_rate_bytes_per_s;
+        let block = u64::from(self.cfg.bitmap_block_bytes);
+        let size = self.cfg.size_bytes;
+        let Some(t) = self.target.as_mut() else {
+            return;
+        };
+        if t.finishing {
+            return;
+        }
+        if t.throttled_until.is_some_and(|u| now < u) {
+            return;
+        }
+        t.throttled_until = None;
+        let mut requests = Vec::new();
+        while t.inflight.len() < RESYNC_MAX_INFLIGHT_REQUESTS {
+            if let Some(rate) = rate {
+                // Allowed bytes so far at the configured rate.
+                let elapsed_ns = now.0.saturating_sub(t.started.0);
+                let allowed = (u128::from(rate) * u128::from(elapsed_ns) / 1_000_000_000) as u64
+                    + RESYNC_REQUEST_MAX_BYTES;
+                if t.sent_bytes_for_rate >= allowed {
+                    let wait_ns = ((t.sent_bytes_for_rate - allowed + 1) as u128 * 1_000_000_000
+                        / u128::from(rate.max(1))) as u64;
+                    t.throttled_until = Some(now.plus_ns(wait_ns.max(1_000_000)));
+                    break;
+                }
+            }
+            let Some(first) = self.bitmap.next_set(BlockIndex(t.cursor)) else {
+                if t.inflight.is_empty() && t.writes.is_empty() {
+                    if self.bitmap.count() == 0 {
+                        t.finishing = true;
+                        break;
+                    }
+                    // Bits set behind the cursor (re-dirtied): another pass.
+                    t.cursor = 0;
+                    continue;
+                }
+                break;
+            };
+            // Skip blocks with a request or write already outstanding.
+            let offset = first.0 * block;
+            let busy = t
+                .inflight
+                .values()
+                .chain(
+                    t.writes
+                        .values()
+                        .map(|w| (w.offset, w.len))
+                        .collect::<Vec<_>>()
+                        .iter(),
+                )
+                .any(|&(o, l)| o <= offset && offset < o + l);
+            if busy {
+                t.cursor = first.0 + 1;
+                continue;
+            }
+            let mut end_block = first.0 + 1;
+            let max_blocks = (RESYNC_REQUEST_MAX_BYTES / block).max(1);
+            while end_block - first.0 < max_blocks && self.bitmap.get(BlockIndex(end_block)) {
+                end_block += 1;
+            }
+            let end = (end_block * block).min(size);
+            let len = end - offset;
+            let id = RequestId(t.next_id);
+            t.next_id += 1;
+            t.inflight.insert(id, (offset, len));
+            t.cursor = end_block;
+            t.sent_bytes_for_rate += len;
+            requests.push(Message::ResyncRequest {
+                id,
+                offset,
+                len_bytes: len as u32,
+            });
+        }
+        let finishing = t.finishing;
+        for m in requests {
+            self.send(m);
+        }
+        if finishing {
+            self.new_op(OpPurpose::TargetFinalFlush, DiskOp::Flush);
+        }
+    }
+
+    pub(super) fn on_resync_request(
+        &mut self,
+        id: RequestId,
+        offset: u64,
+        len: u32,
+        target_digest: Option<[u8; 32]>,
+    ) {
+        let len = u64::from(len);
+        let Some(src) = self.source.as_ref() else {
+            return self.protocol_error(format!("ResyncRequest {id} while not SyncSource"));
+        };
+        if !self.range_ok(offset, len) || len > RESYNC_REQUEST_MAX_BYTES {
+            return self.protocol_error(format!("ResyncRequest {id} for bad range {offset}+{len}"));
+        }
+        if src.reads.len() >= RESYNC_MAX_INFLIGHT_REQUESTS {
+            return self.protocol_error("peer exceeded the resync window".to_string());
+        }
+        let k = self.peer.next_key;
+        self.peer.next_key += 1;
+        self.source.as_mut().expect("source").reads.insert(
+            k,
+            ResyncItem {
+                id,
+                offset,
+                len,
+                data: Bytes::new(),
+                digest: target_digest,
+            },
+        );
+        self.data_queue.push_back(DataItem::ResyncRead(k));
+        self.pump();
+    }
+
+    pub(super) fn resync_read_done(&mut self, k: u64, result: Result<Bytes, DiskError>) {
+        self.unlock(LockOwner::Resync(k));
+        let Some(src) = self.source.as_mut() else {
+            return;
+        };
+        let Some(item) = src.reads.remove(&k) else {
+            return;
+        };
+        let Ok(data) = result else {
+            // Cannot serve: drop the link, the bits stay set on both sides.
+            return self.protocol_error(format!(
+                "local read failed serving resync at {}",
+                item.offset
+            ));
+        };
+        src.done_bytes += item.len;
+        if !self.replicating {
+            return;
+        }
+        match item.digest {
+            Some(d) if d == digest(&data) => self.send(Message::ResyncInSync {
+                id: item.id,
+                offset: item.offset,
+                len_bytes: item.len as u32,
+            }),
+            _ => self.send(Message::ResyncData {
+                id: item.id,
+                offset: item.offset,
+                data,
+            }),
+        }
+        // The target holds the bits until its write lands; the merge on the
+        // next handshake restores them if the link drops.
+        let _ = self.bitmap.clear_range(item.offset, item.len);
+    }
+
+    pub(super) fn on_resync_data(
+        &mut self,
+        id: RequestId,
+        offset: u64,
+        data: Option<Bytes>,
+        in_sync_len: u32,
+    ) {
+        let Some(t) = self.target.as_mut() else {
+            return self.protocol_error(format!("resync reply {id} while not SyncTarget"));
+        };
+        let Some(&(o, l)) = t.inflight.get(&id) else {
+            return self.protocol_error(format!("resync reply for unknown {id}"));
+        };
+        let len = data
+            .as_ref()
+            .map_or(u64::from(in_sync_len), |d| d.len() as u64);
+        if o != offset || l != len {
+            return self.protocol_error(format!(
+                "resync reply {id} covers {offset}+{len}, asked {o}+{l}"
+            ));
+        }
+        t.inflight.remove(&id);
+        match data {
+            None => {
+                t.done_bytes += len;
+                let _ = self.bitmap.clear_range(offset, len);
+            }
+            Some(data) => {
+                let k = self.peer.next_key;
+                self.peer.next_key += 1;
+                t.writes.insert(
+                    k,
+                    ResyncItem {
+                        id,
+                        offset,
+                        len,
+                        data,
+                        digest: None,
+                    },
+                );
+                self.data_queue.push_back(DataItem::ResyncWrite(k));
+            }
+        }
+        self.pump();
+    }
+
+    pub(super) fn resync_write_done(&mut self, k: u64, ok: bool) {
+        self.unlock(LockOwner::Resync(k));
+        let Some(t) = self.target.as_mut() else {
+            return;
+        };
+        let Some(item) = t.writes.remove(&k) else {
+            return;
+        };
+        if ok {
+            t.done_bytes += item.len;
+            let _ = self.bitmap.clear_range(item.offset, item.len);
+        }
+    }
+
+    pub(super) fn target_final_flush_done(&mut self, ok: bool) {
+        let Some(t) = self.target.as_mut() else {
+            return;
+        };
+        t.finishing = false;
+        if !ok || !self.replicating || self.bitmap.count() > 0 {
+            // Not finished after all (new bits or a failed flush): keep going.
+            return;
+        }
+        let src = t.source_uuids;
+        self.target = None;
+        self.uuids.current = src.current & !generation::UUID_PRIMARY_BIT;
+        self.uuids.bitmap = 0;
+        self.uuids.history = src.history;
+        self.crashed_primary = false;
+        self.set_disk(DiskState::UpToDate);
+        self.bitmap.mark_all_dirty();
+        self.write_dirty_bitmap_pages();
+        self.write_superblock();
+        self.send(Message::ResyncDone);
+        self.set_repl(ReplState::Established);
+        self.report_oos();
+    }
+
+    pub(super) fn on_resync_done_from_target(&mut self) {
+        if self.source.is_none() {
+            return self.protocol_error("ResyncDone while not SyncSource".to_string());
+        }
+        self.source = None;
+        if self.bitmap.count() == 0 {
+            if self.uuids.bitmap != 0 {
+                let b = self.uuids.bitmap;
+                self.push_history(b);
+                self.uuids.bitmap = 0;
+            }
+            self.crashed_primary = false;
+        }
+        if self.disk == DiskState::Consistent {
+            self.set_disk(DiskState::UpToDate);
+        }
+        self.write_dirty_bitmap_pages();
+        self.write_superblock();
+        self.set_repl(ReplState::Established);
+        if let Some(ps) = self.hs.peer_state.as_mut() {
+            ps.disk = DiskState::UpToDate;
+        }
+        let role = self.peer_role;
+        self.set_peer(role, Some(DiskState::UpToDate));
+        self.report_oos();
+    }
+
+    pub(super) fn resync_link_lost(&mut self) {
+        // In-flight disk writes of resync data still complete and clear
+        // their bits (the data came from the source); requests are dropped.
+        if let Some(t) = self.target.as_mut() {
+            t.inflight.clear();
+            t.finishing = false;
+        }
+        let queued_writes: Vec<u64> = self
+            .data_queue
+            .iter()
+            .filter_map(|i| match i {
+                DataItem::ResyncWrite(k) | DataItem::ResyncRead(k) => Some(*k),
+                _ => None,
+            })
+            .collect();
+        for k in queued_writes {
+            self.data_queue
+                .retain(|i| *i != DataItem::ResyncWrite(k) && *i != DataItem::ResyncRead(k));
+            if let Some(t) = self.target.as_mut() {
+                t.writes.remove(&k);
+            }
+            if let Some(s) = self.source.as_mut() {
+                s.reads.remove(&k);
+            }
+        }
+        let target_busy = self.target.as_ref().is_some_and(|t| !t.writes.is_empty());
+        if !target_busy {
+            self.target = None;
+        }
+        let source_busy = self.source.as_ref().is_some_and(|s| !s.reads.is_empty());
+        if !source_busy {
+            self.source = None;
+        }
+        self.verify = None;
+    }
+
+    pub(super) fn resync_progress(&self) -> Option<ResyncProgress> {
+        let (done, total, started) = match (&self.target, &self.source) {
+            (Some(t), _) => (t.done_bytes, t.total_bytes, t.started),
+            (None, Some(s)) => (s.done_bytes, s.total_bytes, self.now),
+            _ => return None,
+        };
+        let elapsed_ns = self.now.0.saturating_sub(started.0).max(1);
+        let rate = (u128::from(done) * 1_000_000_000 / u128::from(elapsed_ns)) as u64;
+        let left = total.saturating_sub(done);
+        let eta = left.checked_div(rate).unwrap_or(0);
+        Some(ResyncProgress {
+            done_bytes: done,
+            total_bytes: total,
+            rate_bytes_per_s: rate,
+            eta_s: eta,
+        })
+    }
+
+    /// `invalidate`: throw away the local copy and resync it from the peer.
+    pub(super) fn invalidate_local(&mut self) -> Result<(), AdminError> {
+        if self.role == NodeRole::Primary {
+            return Err(AdminError::WrongState {
+                detail: "refusing to invalidate the Primary's data".to_string(),
+            });
+        }
+        if self.target.is_some() || self.source.is_some() {
+            return Err(AdminError::WrongState {
+                detail: "a resync is already running".to_string(),
+            });
+        }
+        self.bitmap.set_all();
+        self.set_disk(DiskState::Inconsistent);
+        self.write_dirty_bitmap_pages();
+        self.write_superblock();
+        self.report_oos();
+        self.renegotiate("invalidate");
+        Ok(())
+    }
+
+    /// `invalidate-remote`: overwrite the peer from here: start a new
+    /// generation with every block marked, so the peer becomes SyncTarget.
+    pub(super) fn invalidate_remote(&mut self) -> Result<(), AdminError> {
+        if self.disk != DiskState::UpToDate {
+            return Err(AdminError::StaleData { disk: self.disk });
+        }
+        if self.peer_role == Some(NodeRole::Primary) {
+            return Err(AdminError::PeerIsPrimary);
+        }
+        if self.target.is_some() || self.source.is_some() {
+            return Err(AdminError::WrongState {
+                detail: "a resync is already running".to_string(),
+            });
+        }
+        self.rotate_uuid();
+        self.bitmap.set_all();
+        self.write_dirty_bitmap_pages();
+        self.write_superblock();
+        self.report_oos();
+        self.renegotiate("invalidate-remote");
+        Ok(())
+    }
+
+    /// Drop a connected link so the handshake runs again with the new state.
+    fn renegotiate(&mut self, why: &str) {
+        if self.conn == ConnState::Connected {
+            self.send(Message::Disconnect {
+                reason: format!("{why}: renegotiating"),
+            });
+            self.push(Output::CloseLink {
+                reason: format!("{why}: renegotiating"),
+            });
+            self.on_link_lost(false);
+        }
+    }
+
+    // ----- online verify -----
+
+    pub(super) fn start_verify(&mut self) -> Result<(), AdminError> {
+        if self.repl != ReplState::Established {
+            return Err(AdminError::WrongState {
+                detail: format!(
+                    "verify needs an Established connection, not {}",
+                    self.repl.name()
+                ),
+            });
+        }
+        self.verify = Some(VerifyState {
+            driver: true,
+            cursor: 0,
+            next_id: 1,
+            pending: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            next_key: 1,
+            mismatched_bytes: 0,
+            done: false,
+        });
+        self.set_repl(ReplState::VerifyS);
+        self.verify_pump();
+        Ok(())
+    }
+
+    pub(super) fn verify_pump(&mut self) {
+        let size = self.cfg.size_bytes;
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        if !v.driver || v.done || !self.replicating {
+            return;
+        }
+        let mut reqs = Vec::new();
+        while v.pending.len() < VERIFY_MAX_INFLIGHT_REQUESTS && v.cursor < size {
+            let offset = v.cursor;
+            let len = VERIFY_REQUEST_BYTES.min(size - offset);
+            v.cursor += len;
+            let id = RequestId(v.next_id);
+            v.next_id += 1;
+            v.pending.insert(id, (offset, len, None, None));
+            let key = v.next_key;
+            v.next_key += 1;
+            v.reads.insert(key, (id, offset, len, false));
+            reqs.push((id, key, offset, len));
+        }
+        let finished = v.pending.is_empty() && v.cursor >= size;
+        if finished {
+            v.done = true;
+            let mismatched = v.mismatched_bytes;
+            self.verify = None;
+            self.send(Message::VerifyDone);
+            self.set_repl(ReplState::Established);
+            self.push(Output::Event(Event::VerifyDone {
+                mismatched_bytes: mismatched,
+            }));
+            return;
+        }
+        for (id, key, offset, len) in reqs {
+            self.send(Message::VerifyRequest {
+                id,
+                offset,
+                len_bytes: len as u32,
+            });
+            self.new_op(
+                OpPurpose::VerifyRead(key),
+                DiskOp::Read {
+                    offset,
+                    len_bytes: len as u32,
+                },
+            );
+        }
+    }
+
+    pub(super) fn on_verify_request(&mut self, id: RequestId, offset: u64, len: u32) {
+        let len64 = u64::from(len);
+        if !self.range_ok(offset, len64) || len64 > VERIFY_REQUEST_BYTES {
+            return self.protocol_error(format!("VerifyRequest {id} for bad range"));
+        }
+        if self.verify.is_none() {
+            if self.repl != ReplState::Established {
+                return self.protocol_error("VerifyRequest while not Established".to_string());
+            }
+            self.verify = Some(VerifyState {
+                driver: false,
+                cursor: 0,
+                next_id: 0,
+                pending: BTreeMap::new(),
+                reads: BTreeMap::new(),
+                next_key: 1,
+                mismatched_bytes: 0,
+                done: false,
+            });
+            self.set_repl(ReplState::VerifyT);
+        }
+        let v = self.verify.as_mut().expect("verify");
+        if v.driver || v.reads.len() >= VERIFY_MAX_INFLIGHT_REQUESTS {
+            return self.protocol_error("peer exceeded the verify window".to_string());
+        }
+        let key = v.next_key;
+        v.next_key += 1;
+        v.reads.insert(key, (id, offset, len64, true));
+        self.new_op(
+            OpPurpose::VerifyRead(key),
+            DiskOp::Read {
+                offset,
+                len_bytes: len,
+            },
+        );
+    }
+
+    pub(super) fn verify_read_done(&mut self, key: u64, result: Result<Bytes, DiskError>) {
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        let Some((id, offset, len, reply)) = v.reads.remove(&key) else {
+            return;
+        };
+        // A failed read counts as a difference.
+        let d = result.map(|data| digest(&data)).unwrap_or([0xFF; 32]);
+        if reply {
+            if self.replicating {
+                self.send(Message::VerifyReply {
+                    id,
+                    offset,
+                    len_bytes: len as u32,
+                    digest: d,
+                });
+            }
+            return;
+        }
+        if let Some(p) = v.pending.get_mut(&id) {
+            p.2 = Some(d);
+        }
+        self.verify_compare(id);
+    }
+
+    pub(super) fn on_verify_reply(&mut self, id: RequestId, offset: u64, len: u32, d: [u8; 32]) {
+        let Some(v) = self.verify.as_mut() else {
+            return self.protocol_error("VerifyReply without a verify".to_string());
+        };
+        match v.pending.get_mut(&id) {
+            Some(p) if p.0 == offset && p.1 == u64::from(len) && p.3.is_none() => p.3 = Some(d),
+            _ => return self.protocol_error(format!("unexpected VerifyReply {id}")),
+        }
+        self.verify_compare(id);
+    }
+
+    fn verify_compare(&mut self, id: RequestId) {
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        let Some(&(offset, len, Some(mine), Some(theirs))) = v.pending.get(&id) else {
+            return;
+        };
+        v.pending.remove(&id);
+        if mine != theirs {
+            v.mismatched_bytes += len;
+            self.mark_oos(offset, len);
+        }
+        self.verify_pump();
+    }
+
+    pub(super) fn on_verify_done_from_peer(&mut self) {
+        if self.verify.as_ref().is_some_and(|v| !v.driver) {
+            self.verify = None;
+        }
+        if self.repl == ReplState::VerifyT {
+            self.set_repl(ReplState::Established);
+        }
+    }
+}
