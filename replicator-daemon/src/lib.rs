@@ -7,10 +7,12 @@
 //! - [`disk`]: the backing disk: the [`disk::DiskEngine`] trait and its
 //!   io_uring and sync engines (the only `unsafe` code is in `disk::uring`).
 //! - [`target`]: the NBD target over a local disk (unreplicated serving).
+//! - [`replicatord`]: the `replicatord` program (the binary is a thin main).
 #![deny(unsafe_code)]
 
 pub mod config;
 pub mod control;
 pub mod disk;
 pub mod replctl;
+pub mod replicatord;
 pub mod target;
