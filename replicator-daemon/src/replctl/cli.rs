@@ -23,9 +23,22 @@ pub struct TargetArgs {
     pub socket: Option<PathBuf>,
 }
 
-/// A command sent to a running daemon.
+/// A `replctl` command: sent to a running daemon, or (`create-md`,
+/// `dump-md`) carried out offline on the node's disk.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum ControlCommand {
+    /// Write fresh metadata to this node's disk or metadata file (offline).
+    CreateMd {
+        /// Overwrite valid metadata that is already there.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print this node's on-disk metadata (offline).
+    DumpMd {
+        /// Print it as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show role, disk, connection, replication, out-of-sync and resync progress.
     Status {
         /// Print the status as JSON (stable field names, for scripts).
@@ -146,6 +159,14 @@ mod tests {
         assert_eq!(
             parse(&["new-current-uuid", "--clear-bitmap"]),
             ControlCommand::NewCurrentUuid { clear_bitmap: true }
+        );
+        assert_eq!(
+            parse(&["create-md", "--force"]),
+            ControlCommand::CreateMd { force: true }
+        );
+        assert_eq!(
+            parse(&["dump-md", "--json"]),
+            ControlCommand::DumpMd { json: true }
         );
         assert!(Cli::try_parse_from(["replctl", "promote"]).is_err());
     }

@@ -3,6 +3,7 @@
 //! and verify progress, and turns the outcome into an exit status.
 //!
 //! - [`cli`]: the clap definitions.
+//! - [`metadata`]: the offline `create-md` and `dump-md`.
 //! - [`render`]: pure text rendering (status, progress bar, progress lines).
 //!
 //! Must not hold daemon state or carry out commands: the daemon does. All
@@ -10,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod metadata;
 pub mod render;
 
 use std::io::Write;
@@ -136,9 +138,14 @@ pub fn resolve_target(args: &TargetArgs) -> Result<Target, Failure> {
 /// Run one control command; returns the process exit status. Failures are
 /// written to `console.err` as one sentence prefixed with `replctl: `.
 pub async fn run(target: &TargetArgs, command: &ControlCommand, console: &mut Console<'_>) -> i32 {
-    let outcome = match resolve_target(target) {
-        Ok(target) => run_command(&target, command, console).await,
-        Err(failure) => Err(failure),
+    let outcome = match command {
+        ControlCommand::CreateMd { .. } | ControlCommand::DumpMd { .. } => {
+            run_offline(target, command, console).await
+        }
+        _ => match resolve_target(target) {
+            Ok(target) => run_command(&target, command, console).await,
+            Err(failure) => Err(failure),
+        },
     };
     match outcome {
         Ok(()) => EXIT_OK,
@@ -159,8 +166,61 @@ fn write_out(console: &mut Console<'_>, text: &str) -> Result<(), Failure> {
         .map_err(|e| Failure::failed(format!("cannot write to standard output: {e}")))
 }
 
-fn request_for(command: &ControlCommand) -> Request {
-    match *command {
+/// `create-md` / `dump-md`: work on the disk named by `--config`/`--node`.
+async fn run_offline(
+    target: &TargetArgs,
+    command: &ControlCommand,
+    console: &mut Console<'_>,
+) -> Result<(), Failure> {
+    let name = match command {
+        ControlCommand::CreateMd { .. } => "create-md",
+        _ => "dump-md",
+    };
+    let (Some(config_path), Some(node), None) = (&target.config, &target.node, &target.socket)
+    else {
+        return Err(Failure::failed(format!(
+            "{name} works offline on the disk: give --config FILE --node NAME (not --socket)"
+        )));
+    };
+    let config = crate::config::load(config_path).map_err(|e| Failure::failed(e.to_string()))?;
+    let control = config
+        .node(node)
+        .map_err(|e| Failure::failed(e.to_string()))?
+        .control
+        .clone();
+    if let ControlCommand::CreateMd { .. } = command {
+        if ControlClient::connect(&control).await.is_ok() {
+            return Err(Failure::failed(format!(
+                "replicatord of {}/{node} is running (it answers on {}); stop it before create-md",
+                config.resource,
+                control.display()
+            )));
+        }
+    }
+    let command = command.clone();
+    let node = node.clone();
+    let work = tokio::task::spawn_blocking(move || match command {
+        ControlCommand::CreateMd { force } => {
+            metadata::create_md(&config, &node, force).map(|line| format!("{line}\n"))
+        }
+        ControlCommand::DumpMd { json: true } => metadata::dump_md(&config, &node).map(|d| {
+            let mut text = serde_json::to_string_pretty(&d).unwrap_or_default();
+            text.push('\n');
+            text
+        }),
+        _ => metadata::dump_md(&config, &node).map(|d| metadata::dump_text(&d)),
+    });
+    let text = work
+        .await
+        .map_err(|e| Failure::failed(format!("{name} failed: {e}")))?
+        .map_err(|e| Failure::failed(e.0))?;
+    write_out(console, &text)
+}
+
+/// The request a command sends; `None` for the offline commands.
+fn request_for(command: &ControlCommand) -> Option<Request> {
+    Some(match *command {
+        ControlCommand::CreateMd { .. } | ControlCommand::DumpMd { .. } => return None,
         ControlCommand::Status { .. } => Request::Status,
         ControlCommand::Events => Request::Events,
         ControlCommand::Primary { force } => Request::Primary { force },
@@ -174,7 +234,7 @@ fn request_for(command: &ControlCommand) -> Request {
         ControlCommand::PauseSync => Request::PauseSync,
         ControlCommand::ResumeSync => Request::ResumeSync,
         ControlCommand::NewCurrentUuid { clear_bitmap } => Request::NewCurrentUuid { clear_bitmap },
-    }
+    })
 }
 
 async fn run_command(
@@ -200,7 +260,11 @@ async fn run_command(
         }
         ControlCommand::Events => follow_events(client, target, console).await,
         other => {
-            let request = request_for(other);
+            let Some(request) = request_for(other) else {
+                return Err(Failure::failed(
+                    "create-md and dump-md work offline; they are not sent to the daemon",
+                ));
+            };
             let response = client
                 .request(&request)
                 .await

@@ -202,34 +202,44 @@ async fn no_daemon_on_socket_exits_3_with_the_sentence() {
     );
 }
 
+/// Write a two-node config into `dir` whose alpha uses `socket`, the
+/// disk `alpha.img` and `meta` ("internal" or a path); returns its path.
+fn write_config(dir: &Path, socket: &Path, meta: &str) -> std::path::PathBuf {
+    let config = dir.join("vm1.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "resource = \"vm1\"\nsecret = \"s\"\n\
+             [nodes.alpha]\nreplication = \"127.0.0.1:7789\"\nnbd = \"127.0.0.1:10809\"\n\
+             control = \"{}\"\ndisk = \"{}\"\nmeta = \"{meta}\"\n\
+             [nodes.bravo]\nreplication = \"127.0.0.1:7790\"\nnbd = \"127.0.0.1:10810\"\n\
+             control = \"{}\"\ndisk = \"{}\"\nmeta = \"internal\"\n",
+            socket.display(),
+            dir.join("alpha.img").display(),
+            dir.join("b.sock").display(),
+            dir.join("bravo.img").display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn config_args(config: &Path) -> TargetArgs {
+    TargetArgs {
+        config: Some(config.to_owned()),
+        node: Some("alpha".into()),
+        socket: None,
+    }
+}
+
 #[tokio::test]
 async fn no_daemon_for_config_node_names_resource_node_and_socket() {
     // Proves --config/--node resolves the node's `control` key and the
     // sentence names vm1/alpha and that path.
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vm1-alpha.sock");
-    let config = dir.path().join("vm1.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "resource = \"vm1\"\nsecret = \"s\"\n\
-             [nodes.alpha]\nreplication = \"127.0.0.1:7789\"\nnbd = \"127.0.0.1:10809\"\n\
-             control = \"{}\"\ndisk = \"{}\"\nmeta = \"internal\"\n\
-             [nodes.bravo]\nreplication = \"127.0.0.1:7790\"\nnbd = \"127.0.0.1:10810\"\n\
-             control = \"{}\"\ndisk = \"{}\"\nmeta = \"internal\"\n",
-            socket.display(),
-            dir.path().join("a.img").display(),
-            dir.path().join("b.sock").display(),
-            dir.path().join("b.img").display(),
-        ),
-    )
-    .unwrap();
-    let target = TargetArgs {
-        config: Some(config),
-        node: Some("alpha".into()),
-        socket: None,
-    };
-    let o = run_capture(&target, ControlCommand::Connect, false).await;
+    let config = write_config(dir.path(), &socket, "internal");
+    let o = run_capture(&config_args(&config), ControlCommand::Connect, false).await;
     assert_eq!(o.code, EXIT_NO_DAEMON, "{}", o.err);
     assert_eq!(
         o.err,
@@ -238,6 +248,205 @@ async fn no_daemon_for_config_node_names_resource_node_and_socket() {
             socket.display()
         )
     );
+}
+
+/// A sparse disk image of `size_bytes` for alpha.
+fn make_disk(dir: &Path, size_bytes: u64) {
+    let file = std::fs::File::create(dir.join("alpha.img")).unwrap();
+    file.set_len(size_bytes).unwrap();
+}
+
+async fn dump_json(config: &Path) -> serde_json::Value {
+    let o = run_capture(
+        &config_args(config),
+        ControlCommand::DumpMd { json: true },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_OK, "{}", o.err);
+    serde_json::from_str(&o.out).unwrap()
+}
+
+#[tokio::test]
+async fn create_md_writes_fresh_internal_metadata_that_dump_md_reads_back() {
+    // Proves create-md lays down a valid superblock at the end of the disk
+    // (names, size, clean bitmap) and dump-md reports it in JSON and text.
+    let dir = tempfile::tempdir().unwrap();
+    make_disk(dir.path(), 64 << 20);
+    let config = write_config(dir.path(), &dir.path().join("a.sock"), "internal");
+    let o = run_capture(
+        &config_args(&config),
+        ControlCommand::CreateMd { force: false },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_OK, "{}", o.err);
+    assert!(
+        o.out
+            .starts_with("created metadata for vm1/alpha (internal, at the end of "),
+        "{}",
+        o.out
+    );
+    let d = dump_json(&config).await;
+    assert_eq!(d["resource"], "vm1");
+    assert_eq!(d["node"], "alpha");
+    assert_eq!(d["meta"], "internal");
+    assert_eq!(d["last_role"], "Secondary");
+    assert_eq!(d["out_of_sync_bytes"], 0);
+    assert_eq!(d["uuids"]["current"], "0000000000000000");
+    let data = d["data_size_bytes"].as_u64().unwrap();
+    assert!(data < 64 << 20 && data > 60 << 20, "{data}");
+    assert_eq!(d["metadata_offset_bytes"].as_u64().unwrap(), data);
+    assert!(d["flags"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("AlClean")));
+    let text = run_capture(
+        &config_args(&config),
+        ControlCommand::DumpMd { json: false },
+        false,
+    )
+    .await;
+    assert_eq!(text.code, EXIT_OK, "{}", text.err);
+    assert!(
+        text.out.starts_with("vm1/alpha metadata v1 (internal in "),
+        "{}",
+        text.out
+    );
+    assert!(text.out.contains("  flags:AlClean\n"), "{}", text.out);
+    assert!(text.out.ends_with("  out-of-sync:0B\n"), "{}", text.out);
+}
+
+#[tokio::test]
+async fn create_md_refuses_to_overwrite_valid_metadata_unless_forced() {
+    // Proves existing metadata is protected: a second create-md fails with
+    // a sentence naming the owner and --force; with --force it is rewritten
+    // (the set bitmap bit is cleared again).
+    let dir = tempfile::tempdir().unwrap();
+    make_disk(dir.path(), 64 << 20);
+    let config = write_config(dir.path(), &dir.path().join("a.sock"), "internal");
+    let args = config_args(&config);
+    assert_eq!(
+        run_capture(&args, ControlCommand::CreateMd { force: false }, false)
+            .await
+            .code,
+        EXIT_OK
+    );
+    // Mark three blocks out of sync in the on-disk bitmap.
+    let loaded = crate::config::load(&config).unwrap();
+    let node = loaded.node("alpha").unwrap();
+    let layout = replicator_core::metadata::MetadataLayout::internal(
+        64 << 20,
+        node.options.bitmap_block_bytes as u32,
+        node.options.al_extents,
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let disk = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("alpha.img"))
+            .unwrap();
+        disk.write_all_at(&[0b1011], layout.bitmap_offset_bytes)
+            .unwrap();
+    }
+    let expected_oos = 3 * node.options.bitmap_block_bytes;
+    assert_eq!(dump_json(&config).await["out_of_sync_bytes"], expected_oos);
+    let o = run_capture(&args, ControlCommand::CreateMd { force: false }, false).await;
+    assert_eq!(o.code, EXIT_FAILED);
+    assert!(
+        o.err.contains("already holds metadata of vm1/alpha"),
+        "{}",
+        o.err
+    );
+    assert!(o.err.contains("use --force"), "{}", o.err);
+    assert_eq!(
+        dump_json(&config).await["out_of_sync_bytes"],
+        expected_oos,
+        "refused create-md changed the disk"
+    );
+    let o = run_capture(&args, ControlCommand::CreateMd { force: true }, false).await;
+    assert_eq!(o.code, EXIT_OK, "{}", o.err);
+    assert_eq!(dump_json(&config).await["out_of_sync_bytes"], 0);
+}
+
+#[tokio::test]
+async fn create_md_with_external_meta_creates_the_metadata_file() {
+    // Proves `meta = PATH`: the file is created at the needed size, the
+    // whole disk stays data, and the disk itself is untouched.
+    let dir = tempfile::tempdir().unwrap();
+    make_disk(dir.path(), 16 << 20);
+    let meta = dir.path().join("alpha.meta");
+    let config = write_config(
+        dir.path(),
+        &dir.path().join("a.sock"),
+        &meta.display().to_string(),
+    );
+    let o = run_capture(
+        &config_args(&config),
+        ControlCommand::CreateMd { force: false },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_OK, "{}", o.err);
+    assert!(meta.exists());
+    let d = dump_json(&config).await;
+    assert_eq!(d["meta"], "external");
+    assert_eq!(d["data_size_bytes"], 16u64 << 20);
+    assert_eq!(d["metadata_offset_bytes"], 0);
+    let disk = std::fs::read(dir.path().join("alpha.img")).unwrap();
+    assert!(
+        disk.iter().all(|&b| b == 0),
+        "external create-md wrote to the data disk"
+    );
+}
+
+#[tokio::test]
+async fn dump_md_on_a_disk_without_metadata_says_so() {
+    // Proves a blank disk is reported in one sentence, exit 1, no panic.
+    let dir = tempfile::tempdir().unwrap();
+    make_disk(dir.path(), 64 << 20);
+    let config = write_config(dir.path(), &dir.path().join("a.sock"), "internal");
+    let o = run_capture(
+        &config_args(&config),
+        ControlCommand::DumpMd { json: false },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_FAILED);
+    assert!(o.err.contains("holds no valid metadata"), "{}", o.err);
+    assert_eq!(o.err.lines().count(), 1);
+}
+
+#[tokio::test]
+async fn create_md_is_refused_while_the_daemon_runs_and_needs_config() {
+    // Proves create-md never writes under a running daemon (its control
+    // socket answers) and is refused with --socket.
+    let dir = tempfile::tempdir().unwrap();
+    make_disk(dir.path(), 64 << 20);
+    let mut fx = Fixture::start(FakeHandler::scripted(vec![sample_status()]), 16);
+    let config = write_config(dir.path(), &fx.path, "internal");
+    let o = run_capture(
+        &config_args(&config),
+        ControlCommand::CreateMd { force: true },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_FAILED);
+    assert!(
+        o.err.contains("replicatord of vm1/alpha is running"),
+        "{}",
+        o.err
+    );
+    let o = run_capture(
+        &socket_args(&fx.path),
+        ControlCommand::DumpMd { json: false },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_FAILED);
+    assert!(o.err.contains("works offline"), "{}", o.err);
+    fx.shutdown().await;
 }
 
 #[tokio::test]
