@@ -228,33 +228,40 @@ fn in_history(uuid: u64, history: &[u64]) -> bool {
     !is_empty(uuid) && history.iter().any(|h| !is_empty(*h) && same(*h, uuid))
 }
 
-/// Same current generation: in sync unless one side crashed as Primary (its AL
-/// extents are dirty), is inconsistent (an interrupted resync) or holds
-/// out-of-sync bits (writes in flight when the link dropped).
+/// Same current generation: in sync unless one side is inconsistent (an
+/// interrupted resync), crashed as Primary (its AL extents are dirty) or holds
+/// out-of-sync bits (writes in flight when the link dropped). A node that is
+/// Primary right now is the source: it serves the data (e.g. promoted after
+/// the crash of the other, before writing anything).
 fn equal_current(me: &Side<'_>, peer: &Side<'_>, i_win_ties: bool) -> Decision {
     let (m, p) = (&me.flags, &peer.flags);
     let bitmap = |source| Decision::BitmapResync { source };
-    match (m.crashed_primary, p.crashed_primary) {
-        (true, true) => return bitmap(tie(i_win_ties)),
-        (true, false) => return bitmap(SyncSource::Me),
-        (false, true) => return bitmap(SyncSource::Peer),
-        (false, false) => {}
-    }
     match (m.consistent, p.consistent) {
         (true, false) => return bitmap(SyncSource::Me),
         (false, true) => return bitmap(SyncSource::Peer),
         (false, false) => return Decision::NoSync,
         (true, true) => {}
     }
+    let dirty =
+        m.crashed_primary || p.crashed_primary || m.changed_blocks > 0 || p.changed_blocks > 0;
+    if !dirty {
+        return Decision::NoSync;
+    }
+    match (m.primary, p.primary) {
+        (true, false) => return bitmap(SyncSource::Me),
+        (false, true) => return bitmap(SyncSource::Peer),
+        _ => {}
+    }
+    match (m.crashed_primary, p.crashed_primary) {
+        (true, true) => return bitmap(tie(i_win_ties)),
+        (true, false) => return bitmap(SyncSource::Me),
+        (false, true) => return bitmap(SyncSource::Peer),
+        (false, false) => {}
+    }
     match (m.changed_blocks > 0, p.changed_blocks > 0) {
-        (false, false) => Decision::NoSync,
         (true, false) => bitmap(SyncSource::Me),
         (false, true) => bitmap(SyncSource::Peer),
-        (true, true) => match (m.primary, p.primary) {
-            (true, false) => bitmap(SyncSource::Me),
-            (false, true) => bitmap(SyncSource::Peer),
-            _ => bitmap(tie(i_win_ties)),
-        },
+        _ => bitmap(tie(i_win_ties)),
     }
 }
 

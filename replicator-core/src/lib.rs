@@ -11,6 +11,11 @@
 //! - [`bitmap`]: the out-of-sync bitmap, its scans, pages and run-length code.
 //! - [`activity_log`]: the hot-extent LRU and its on-disk transaction ring.
 //! - [`metadata`]: superblock slots, metadata layout, `create-md` blocks.
+//! - [`generation`]: the generation-UUID handshake decision and split-brain
+//!   policies.
+//! - [`engine`]: the replication state machine (`handle` / `poll_output` /
+//!   `next_deadline`).
+//! - [`sim`]: the deterministic two-node simulator and its write-log oracle.
 #![forbid(unsafe_code)]
 
 pub mod activity_log;
@@ -22,3 +27,4 @@ pub mod wire;
 
 pub mod engine;
 pub mod generation;
+pub mod sim;

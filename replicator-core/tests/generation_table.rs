@@ -131,6 +131,32 @@ fn equal_current_with_crashed_primary_resyncs_its_activity_log_from_it() {
 }
 
 #[test]
+fn equal_current_crashed_old_primary_syncs_from_the_promoted_primary() {
+    // After a failover the promoted node (Primary now, no write yet, so the
+    // same UUID) is the source, even though the old primary crashed.
+    let h = [0u64; 2];
+    let crashed = SideFlags {
+        crashed_primary: true,
+        ..consistent(8)
+    };
+    let primary = SideFlags {
+        primary: true,
+        ..consistent(0)
+    };
+    let (d, _) = both_ways(
+        &side(A, 0, &h, crashed),
+        &side(A, 0, &h, primary),
+        SplitBrainPolicy::Disconnect,
+    );
+    assert_eq!(
+        d,
+        Decision::BitmapResync {
+            source: SyncSource::Peer
+        }
+    );
+}
+
+#[test]
 fn equal_current_with_inconsistent_side_resumes_resync_from_consistent_one() {
     // An interrupted resync (target Inconsistent) resumes on reconnect.
     let h = [0u64; 2];

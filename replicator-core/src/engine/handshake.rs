@@ -370,13 +370,6 @@ impl Engine {
     /// Both States are known: compare generations.
     fn decide(&mut self, ps: PeerState) {
         self.set_peer(Some(ps.role), Some(ps.disk));
-        if ps.role == NodeRole::Primary && self.role == NodeRole::Primary {
-            return self.refuse(
-                RefuseReason::SplitBrain,
-                "both nodes are Primary".to_string(),
-                true,
-            );
-        }
         let me = Side {
             uuids: UuidView {
                 current: self.uuids.current,
@@ -424,6 +417,13 @@ impl Engine {
                 return self.refuse(
                     RefuseReason::UnrelatedData,
                     "peer holds unrelated data (no common generation)".to_string(),
+                    true,
+                );
+            }
+            _ if ps.role == NodeRole::Primary && self.role == NodeRole::Primary => {
+                return self.refuse(
+                    RefuseReason::Other,
+                    "both nodes are Primary (dual-primary is not supported)".to_string(),
                     true,
                 );
             }

@@ -505,11 +505,22 @@ impl Engine {
                 detail: "a resync is already running".to_string(),
             });
         }
+        // Forget the local generation: the next handshake sees a
+        // just-created disk and fully syncs it from the peer (this also
+        // resolves a split brain in the peer's favour, like DRBD's
+        // --discard-my-data).
+        self.push_history(self.uuids.current);
+        self.uuids.current = generation::UUID_JUST_CREATED;
+        self.uuids.bitmap = 0;
+        self.split_brain = false;
         self.bitmap.set_all();
         self.set_disk(DiskState::Inconsistent);
         self.write_dirty_bitmap_pages();
         self.write_superblock();
         self.report_oos();
+        if self.conn == ConnState::StandAlone {
+            self.set_conn(ConnState::Connecting);
+        }
         self.renegotiate("invalidate");
         Ok(())
     }

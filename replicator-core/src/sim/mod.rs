@@ -1,0 +1,1374 @@
+//! The deterministic simulator: two nodes, each running the real [`Engine`],
+//! on simulated disks (volatile cache, crash loss, torn metadata writes), a
+//! simulated link (delay, partition, corrupted and duplicated frames; frames
+//! go through the real wire codec so corruption meets the CRC), a client
+//! issuing overlapping writes, FUA, flushes and reads against the Primary,
+//! crashes, restarts (metadata re-read from the simulated disk) and failover.
+//!
+//! A write-log oracle ([`oracle`]) judges every read, every crash and every
+//! failover; invariants are checked after every event; a healed phase must
+//! converge to byte-identical replicas with zero out-of-sync bytes. One u64
+//! seed reproduces a run.
+//!
+//! Owns simulation only; must not be used by the daemon. No I/O, no clock.
+
+pub mod disk;
+pub mod oracle;
+
+use std::collections::BTreeMap;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::activity_log::{self, AL_RING_TRANSACTIONS, AL_TRANSACTION_BYTES};
+use crate::bitmap::{Bitmap, BITMAP_PAGE_BYTES};
+use crate::engine::rng::SplitMix64;
+use crate::engine::{
+    AdminCommand, ClientId, ClientRequest, ConnState, DiskOp, Engine, EngineConfig, Input,
+    LoadedMetadata, OpId, Output, ReplState, SimFault, Time,
+};
+use crate::generation::SplitBrainPolicy;
+use crate::metadata::{self, MetadataLayout, MetadataWrite, SUPERBLOCK_SLOT_BYTES};
+use crate::types::{DiskState, NodeRole, ProtocolMode};
+use crate::wire;
+
+use disk::SimDisk;
+use oracle::{Floors, Oracle, ORACLE_SECTOR_BYTES};
+
+/// Simulated backing disk size: 18 AL extents, more than the AL holds, so
+/// extents get evicted.
+pub const SIM_DISK_BYTES: u64 = 72 * 1024 * 1024;
+/// AL capacity used in the simulation (the minimum the AL allows).
+pub const SIM_AL_EXTENTS: u32 = activity_log::MIN_AL_EXTENTS;
+/// Client requests in flight at most.
+pub const SIM_CLIENT_MAX_OUTSTANDING: usize = 8;
+/// Hot regions the client writes into (overlaps are frequent).
+pub const SIM_HOT_REGIONS: u64 = 24;
+/// Size of one hot region.
+pub const SIM_HOT_REGION_BYTES: u64 = 64 * 1024;
+/// Largest client write.
+pub const SIM_MAX_WRITE_BYTES: u64 = 16 * 1024;
+/// Sim time the healed phase may take to converge.
+pub const SIM_CONVERGE_DEADLINE_NS: u64 = 120_000_000_000;
+/// Events per run at most (a livelock guard).
+pub const SIM_MAX_EVENTS: u64 = 20_000_000;
+
+/// A named scenario, or random faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    Random,
+    PrimaryCrashMidWrite,
+    SecondaryCrash,
+    PartitionThenHeal,
+    PartitionDuringResync,
+    CorruptAndDuplicatedFrames,
+    SplitBrainBothPromoted,
+    FlushRacingDisconnect,
+    TornMetadataSlot,
+}
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub scenario: Scenario,
+    /// Length of the fault phase in simulated nanoseconds.
+    pub safety_ns: u64,
+    pub sim_fault: SimFault,
+    pub verbose: bool,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64, scenario: Scenario) -> Self {
+        SimConfig {
+            seed,
+            scenario,
+            safety_ns: 400_000_000,
+            sim_fault: SimFault::None,
+            verbose: false,
+        }
+    }
+}
+
+/// A successful run's figures.
+#[derive(Debug, Clone, Default)]
+pub struct SimReport {
+    pub events: u64,
+    pub writes_acked: u64,
+    pub reads_checked: u64,
+    pub flushes_acked: u64,
+    pub crashes: u64,
+    pub failovers: u64,
+    pub frames_corrupted: u64,
+    pub frames_duplicated: u64,
+    pub split_brains_seen: u64,
+    pub sim_time_ns: u64,
+}
+
+/// A failed run: the seed and what broke, with the trace tail.
+#[derive(Debug, Clone)]
+pub struct SimFailure {
+    pub seed: u64,
+    pub message: String,
+    pub trace_tail: Vec<String>,
+}
+
+impl std::fmt::Display for SimFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "simulation failed (seed {}): {}",
+            self.seed, self.message
+        )?;
+        for l in &self.trace_tail {
+            writeln!(f, "  {l}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Action {
+    Crash(usize),
+    Restart(usize),
+    Partition,
+    Heal,
+    Promote(usize),
+    /// Planned switchover: demote the Primary, promote its in-sync peer.
+    Switchover,
+    /// Writes to node `.0` that the oracle does not protect (a split-brain
+    /// victim's writes, discarded later).
+    UntrackedWrites(usize, u64),
+    Admin(usize, AdminCommand),
+    /// Corrupt / duplicate frames with these per-mille rates.
+    NetFaults {
+        corrupt: u64,
+        duplicate: u64,
+    },
+    /// Stop the client; check convergence once quiet.
+    EndSafety,
+    /// Crash with the next superblock write torn.
+    CrashTearingSuperblock(usize),
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Disk { node: usize, inc: u64, op: OpId },
+    Frame { to: usize, epoch: u64, bytes: Bytes },
+    Connect { epoch: u64 },
+    LinkDown { node: usize, epoch: u64 },
+    Tick { node: usize, inc: u64 },
+    Client,
+    Script(Action),
+}
+
+#[derive(Debug)]
+struct Node {
+    name: &'static str,
+    engine: Option<Engine>,
+    data: SimDisk,
+    meta: SimDisk,
+    inc: u64,
+    inflight: BTreeMap<OpId, DiskOp>,
+    tick_at: Option<u64>,
+    /// Per-sector floor this node's durable image must meet after a crash.
+    durable_floor: Floors,
+    tear_next_meta: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Req {
+    Write {
+        wid: u64,
+        fua: bool,
+        epoch: Option<u64>,
+    },
+    Read {
+        offset: u64,
+        len: u64,
+        floors: Floors,
+    },
+    Flush {
+        snapshot: Floors,
+        epoch: Option<u64>,
+    },
+}
+
+struct World {
+    cfg: SimConfig,
+    rng: SplitMix64,
+    now: u64,
+    seq: u64,
+    events: BTreeMap<(u64, u64), Ev>,
+    nodes: [Node; 2],
+    layout: MetadataLayout,
+    /// The current connection's epoch, if connected at the transport level.
+    conn: Option<u64>,
+    next_epoch: u64,
+    connect_pending: bool,
+    partitioned: bool,
+    corrupt_per_mille: u64,
+    dup_per_mille: u64,
+    link_tail: [u64; 2],
+    rx: [BytesMut; 2],
+    client_on: bool,
+    client_node: usize,
+    client_tracked: bool,
+    outstanding: BTreeMap<ClientId, (usize, u64, Req)>,
+    next_client: u64,
+    client_scheduled: bool,
+    oracle: Oracle,
+    trace: Vec<String>,
+    report: SimReport,
+    split_brain_expected: bool,
+    safety_over: bool,
+}
+
+const TRACE_KEEP: usize = 60;
+
+impl World {
+    fn log(&mut self, s: String) {
+        if self.cfg.verbose {
+            eprintln!("[{:>12}] {s}", self.now);
+        }
+        self.trace.push(format!("[{}] {s}", self.now));
+        if self.trace.len() > TRACE_KEEP * 4 {
+            self.trace.drain(..self.trace.len() - TRACE_KEEP);
+        }
+    }
+
+    fn fail(&self, message: String) -> SimFailure {
+        let start = self.trace.len().saturating_sub(TRACE_KEEP);
+        SimFailure {
+            seed: self.cfg.seed,
+            message: format!("at sim time {} ns: {message}", self.now),
+            trace_tail: self.trace[start..].to_vec(),
+        }
+    }
+
+    fn at(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.events.insert((t, self.seq), ev);
+    }
+
+    fn engine_cfg(&self, node: usize) -> EngineConfig {
+        EngineConfig {
+            resource: "sim".to_string(),
+            node: self.nodes[node].name.to_string(),
+            peer: self.nodes[1 - node].name.to_string(),
+            size_bytes: self.layout.data_size_bytes,
+            bitmap_block_bytes: self.layout.bitmap_block_bytes,
+            protocol: ProtocolMode::C,
+            secret: b"sim-secret".to_vec(),
+            split_brain: SplitBrainPolicy::Disconnect,
+            al_extents: SIM_AL_EXTENTS,
+            meta_layout: self.layout,
+            resync_rate_bytes_per_s: None,
+            sim_fault: self.cfg.sim_fault,
+        }
+    }
+
+    /// Read the metadata back from the simulated disk, as the daemon would.
+    fn load(&mut self, node: usize) -> Result<LoadedMetadata, String> {
+        let l = self.layout;
+        let n = &self.nodes[node];
+        let s0 = n
+            .meta
+            .read(l.superblock_slot_offset(0), SUPERBLOCK_SLOT_BYTES);
+        let s1 = n
+            .meta
+            .read(l.superblock_slot_offset(1), SUPERBLOCK_SLOT_BYTES);
+        let (sb, slot) =
+            metadata::decode_superblocks(&s0, &s1).map_err(|e| format!("superblock: {e}"))?;
+        let mut bitmap = Bitmap::new(l.data_size_bytes, l.bitmap_block_bytes)
+            .map_err(|e| format!("bitmap: {e}"))?;
+        for page in 0..bitmap.page_count() {
+            let bytes = n
+                .meta
+                .read(l.bitmap_page_offset(page), BITMAP_PAGE_BYTES as u64);
+            bitmap
+                .load_page(page, &bytes)
+                .map_err(|e| format!("bitmap page {page}: {e}"))?;
+        }
+        let blocks: Vec<Vec<u8>> = (0..AL_RING_TRANSACTIONS)
+            .map(|i| {
+                n.meta
+                    .read(l.al_block_offset(i), AL_TRANSACTION_BYTES as u64)
+            })
+            .collect();
+        let refs: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
+        let al = activity_log::recover(&refs).map_err(|e| format!("AL: {e}"))?;
+        Ok(LoadedMetadata {
+            superblock: sb,
+            superblock_slot: slot,
+            bitmap,
+            al,
+        })
+    }
+
+    fn start_node(&mut self, node: usize) -> Result<(), SimFailure> {
+        let meta = self.load(node).map_err(|e| {
+            self.fail(format!(
+                "{} cannot load its metadata: {e}",
+                self.nodes[node].name
+            ))
+        })?;
+        let seed = self.rng.next_u64();
+        let cfg = self.engine_cfg(node);
+        let engine = Engine::new(cfg, meta, seed)
+            .map_err(|e| self.fail(format!("engine start failed: {e}")))?;
+        self.nodes[node].inc += 1;
+        self.nodes[node].engine = Some(engine);
+        self.nodes[node].tick_at = None;
+        self.log(format!("{} started", self.nodes[node].name));
+        self.feed(node, Input::Admin(AdminCommand::Connect))?;
+        Ok(())
+    }
+
+    fn engine(&self, node: usize) -> Option<&Engine> {
+        self.nodes[node].engine.as_ref()
+    }
+
+    /// Feed one input to a node and carry out its outputs.
+    fn feed(&mut self, node: usize, input: Input) -> Result<(), SimFailure> {
+        let now = Time(self.now);
+        let Some(e) = self.nodes[node].engine.as_mut() else {
+            return Ok(());
+        };
+        e.handle(now, input);
+        let mut outs = Vec::new();
+        while let Some(o) = e.poll_output() {
+            outs.push(o);
+        }
+        let deadline = e.next_deadline();
+        for o in outs {
+            self.carry_out(node, o)?;
+        }
+        if let Some(d) = deadline {
+            let d = d.0.max(self.now + 1);
+            if self.nodes[node]
+                .tick_at
+                .is_none_or(|t| t > d || t < self.now)
+            {
+                self.nodes[node].tick_at = Some(d);
+                let inc = self.nodes[node].inc;
+                self.at(d, Ev::Tick { node, inc });
+            }
+        }
+        self.maybe_connect();
+        Ok(())
+    }
+
+    fn carry_out(&mut self, node: usize, o: Output) -> Result<(), SimFailure> {
+        let name = self.nodes[node].name;
+        match o {
+            Output::Disk { op, kind } => {
+                let lat = match kind {
+                    DiskOp::Flush => 50_000 + self.rng.below(400_000),
+                    _ => 10_000 + self.rng.below(200_000),
+                };
+                self.nodes[node].inflight.insert(op, kind);
+                let inc = self.nodes[node].inc;
+                self.at(self.now + lat, Ev::Disk { node, inc, op });
+            }
+            Output::Send(msg) => {
+                let Some(epoch) = self.conn else {
+                    return Ok(());
+                };
+                if self.partitioned {
+                    return Ok(());
+                }
+                let mut buf = BytesMut::new();
+                wire::encode(&msg, &mut buf)
+                    .map_err(|e| self.fail(format!("{name} produced an unencodable frame: {e}")))?;
+                let mut bytes = buf.to_vec();
+                if self.corrupt_per_mille > 0 && self.rng.chance(self.corrupt_per_mille, 1000) {
+                    let i = self.rng.below(bytes.len() as u64) as usize;
+                    bytes[i] ^= 1 << self.rng.below(8);
+                    self.report.frames_corrupted += 1;
+                    self.log(format!("net: corrupt {name} -> {}", msg.name()));
+                }
+                let copies = if self.dup_per_mille > 0 && self.rng.chance(self.dup_per_mille, 1000)
+                {
+                    self.report.frames_duplicated += 1;
+                    self.log(format!("net: duplicate {name} -> {}", msg.name()));
+                    2
+                } else {
+                    1
+                };
+                let to = 1 - node;
+                let bytes = Bytes::from(bytes);
+                for _ in 0..copies {
+                    let lat = 20_000 + self.rng.below(500_000);
+                    let t = (self.now + lat).max(self.link_tail[to] + 1);
+                    self.link_tail[to] = t;
+                    self.at(
+                        t,
+                        Ev::Frame {
+                            to,
+                            epoch,
+                            bytes: bytes.clone(),
+                        },
+                    );
+                }
+            }
+            Output::Complete { id, result } => self.client_done(node, id, result)?,
+            Output::Event(ev) => {
+                if let crate::engine::Event::SplitBrain { .. } = ev {
+                    self.report.split_brains_seen += 1;
+                    if !self.split_brain_expected {
+                        return Err(self.fail(format!("{name}: unexpected split brain")));
+                    }
+                }
+                self.log(format!("{name}: {ev:?}"));
+            }
+            Output::CloseLink { reason } => {
+                self.log(format!("{name}: close link: {reason}"));
+                if let Some(epoch) = self.conn.take() {
+                    self.rx = [BytesMut::new(), BytesMut::new()];
+                    let lat = 10_000 + self.rng.below(100_000);
+                    self.at(
+                        self.now + lat,
+                        Ev::LinkDown {
+                            node: 1 - node,
+                            epoch,
+                        },
+                    );
+                }
+            }
+            Output::AdminResult(r) => {
+                if let Err(e) = r {
+                    self.log(format!("{name}: admin refused: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn maybe_connect(&mut self) {
+        if self.conn.is_some() || self.connect_pending || self.partitioned {
+            return;
+        }
+        let want = |n: &Node| n.engine.as_ref().is_some_and(|e| e.wants_connection());
+        if want(&self.nodes[0]) && want(&self.nodes[1]) {
+            self.connect_pending = true;
+            self.next_epoch += 1;
+            let epoch = self.next_epoch;
+            let lat = 1_000_000 + self.rng.below(5_000_000);
+            self.at(self.now + lat, Ev::Connect { epoch });
+        }
+    }
+
+    fn link_down_both(&mut self) -> Result<(), SimFailure> {
+        if let Some(epoch) = self.conn.take() {
+            self.rx = [BytesMut::new(), BytesMut::new()];
+            self.log(format!("net: link {epoch} down"));
+            for n in 0..2 {
+                self.feed(n, Input::Disconnected)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, ev: Ev) -> Result<(), SimFailure> {
+        match ev {
+            Ev::Disk { node, inc, op } => {
+                if self.nodes[node].inc != inc || self.nodes[node].engine.is_none() {
+                    return Ok(());
+                }
+                let Some(kind) = self.nodes[node].inflight.remove(&op) else {
+                    return Ok(());
+                };
+                let n = &mut self.nodes[node];
+                let result = match kind {
+                    DiskOp::Read { offset, len_bytes } => {
+                        Bytes::from(n.data.read(offset, u64::from(len_bytes)))
+                    }
+                    DiskOp::Write { offset, data, fua } => {
+                        n.data.write(offset, &data, fua);
+                        Bytes::new()
+                    }
+                    DiskOp::Zero {
+                        offset,
+                        len_bytes,
+                        fua,
+                    } => {
+                        n.data.write(offset, &vec![0u8; len_bytes as usize], fua);
+                        Bytes::new()
+                    }
+                    DiskOp::Trim { offset, len_bytes } => {
+                        n.data.write(offset, &vec![0u8; len_bytes as usize], false);
+                        Bytes::new()
+                    }
+                    DiskOp::Flush => {
+                        n.data.flush();
+                        Bytes::new()
+                    }
+                    DiskOp::MetaWrite { offset_bytes, data } => {
+                        n.meta.write(offset_bytes, &data, true);
+                        Bytes::new()
+                    }
+                };
+                self.feed(
+                    node,
+                    Input::DiskDone {
+                        op,
+                        result: Ok(result),
+                    },
+                )?;
+            }
+            Ev::Frame { to, epoch, bytes } => {
+                if self.conn != Some(epoch) || self.nodes[to].engine.is_none() {
+                    return Ok(());
+                }
+                self.rx[to].extend_from_slice(&bytes);
+                loop {
+                    match wire::decode(&mut self.rx[to]) {
+                        Ok(Some(msg)) => {
+                            if self.cfg.verbose {
+                                self.log(format!("{} <- {}", self.nodes[to].name, msg.name()));
+                            }
+                            self.feed(to, Input::PeerFrame(msg))?;
+                            if self.conn != Some(epoch) {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            self.log(format!("{}: frame error {e}", self.nodes[to].name));
+                            self.rx[to].clear();
+                            self.feed(to, Input::PeerFrameError(e))?;
+                            break;
+                        }
+                    }
+                }
+            }
+            Ev::Connect { epoch } => {
+                self.connect_pending = false;
+                let want = |n: &Node| n.engine.as_ref().is_some_and(|e| e.wants_connection());
+                if self.partitioned || !(want(&self.nodes[0]) && want(&self.nodes[1])) {
+                    self.maybe_connect();
+                    return Ok(());
+                }
+                self.conn = Some(epoch);
+                self.link_tail = [self.now, self.now];
+                self.log(format!("net: link {epoch} up"));
+                self.feed(0, Input::Connected)?;
+                if self.conn == Some(epoch) {
+                    self.feed(1, Input::Connected)?;
+                }
+            }
+            Ev::LinkDown { node, epoch } => {
+                let _ = epoch;
+                self.feed(node, Input::Disconnected)?;
+            }
+            Ev::Tick { node, inc } => {
+                if self.nodes[node].inc == inc {
+                    self.nodes[node].tick_at = None;
+                    self.feed(node, Input::Tick)?;
+                }
+            }
+            Ev::Client => {
+                self.client_scheduled = false;
+                self.client_step()?;
+            }
+            Ev::Script(a) => self.script(a)?,
+        }
+        Ok(())
+    }
+
+    // ----- client -----
+
+    fn schedule_client(&mut self) {
+        if self.client_on && !self.client_scheduled {
+            self.client_scheduled = true;
+            let t = self.now + 20_000 + self.rng.below(300_000);
+            self.at(t, Ev::Client);
+        }
+    }
+
+    fn client_step(&mut self) -> Result<(), SimFailure> {
+        let node = self.client_node;
+        let is_primary = self
+            .engine(node)
+            .is_some_and(|e| e.role() == NodeRole::Primary);
+        if !self.client_on || !is_primary {
+            return Ok(());
+        }
+        if self.outstanding.len() < SIM_CLIENT_MAX_OUTSTANDING {
+            let id = ClientId(self.next_client);
+            self.next_client += 1;
+            let epoch = self.conn_if_established(node);
+            let roll = self.rng.below(100);
+            let region = self.rng.below(SIM_HOT_REGIONS);
+            let base = region * (self.layout.data_size_bytes / SIM_HOT_REGIONS);
+            let sectors = 1 + self.rng.below(SIM_MAX_WRITE_BYTES / ORACLE_SECTOR_BYTES);
+            let len = sectors * ORACLE_SECTOR_BYTES;
+            let within = self
+                .rng
+                .below((SIM_HOT_REGION_BYTES - len) / ORACLE_SECTOR_BYTES + 1);
+            let offset = base + within * ORACLE_SECTOR_BYTES;
+            let (req, request) = if roll < 65 {
+                let fua = self.rng.chance(1, 10);
+                let wid = self.oracle.submit(offset, len, false, self.client_tracked);
+                let data = Bytes::from(self.oracle.data_for(wid));
+                (
+                    Req::Write { wid, fua, epoch },
+                    ClientRequest::Write { offset, data, fua },
+                )
+            } else if roll < 70 {
+                let wid = self.oracle.submit(offset, len, true, self.client_tracked);
+                (
+                    Req::Write {
+                        wid,
+                        fua: false,
+                        epoch,
+                    },
+                    ClientRequest::WriteZeroes {
+                        offset,
+                        len_bytes: len as u32,
+                        fua: false,
+                    },
+                )
+            } else if roll < 88 {
+                let floors = self.oracle.floors(offset, len);
+                (
+                    Req::Read {
+                        offset,
+                        len,
+                        floors,
+                    },
+                    ClientRequest::Read {
+                        offset,
+                        len_bytes: len as u32,
+                    },
+                )
+            } else {
+                let snapshot = self.oracle.acked.clone();
+                (Req::Flush { snapshot, epoch }, ClientRequest::Flush)
+            };
+            let inc = self.nodes[node].inc;
+            self.outstanding.insert(id, (node, inc, req));
+            self.feed(node, Input::Client { id, request })?;
+        }
+        self.schedule_client();
+        Ok(())
+    }
+
+    /// The connection epoch if `node` is replicating to a peer that is
+    /// Established (its floors may be raised by flushes and FUA).
+    fn conn_if_established(&self, node: usize) -> Option<u64> {
+        let e = self.engine(node)?;
+        let p = self.engine(1 - node)?;
+        let st = e.status();
+        let ok = st.replication == ReplState::Established
+            && p.status().replication == ReplState::Established
+            && p.disk_state() == DiskState::UpToDate;
+        if ok {
+            self.conn
+        } else {
+            None
+        }
+    }
+
+    fn client_done(
+        &mut self,
+        node: usize,
+        id: ClientId,
+        result: Result<Bytes, crate::engine::ClientError>,
+    ) -> Result<(), SimFailure> {
+        let Some((n, _inc, req)) = self.outstanding.remove(&id) else {
+            return Err(self.fail(format!("completion for unknown client request {id:?}")));
+        };
+        if n != node {
+            return Err(self.fail(format!("{id:?} completed by the wrong node")));
+        }
+        let name = self.nodes[node].name;
+        let data = match result {
+            Ok(d) => d,
+            Err(e) => {
+                // Errors are legal only as NotPrimary after a demotion.
+                if e == crate::engine::ClientError::NotPrimary {
+                    return Ok(());
+                }
+                return Err(self.fail(format!("{name}: client request {id:?} failed: {e:?}")));
+            }
+        };
+        match req {
+            Req::Write { wid, fua, epoch } => {
+                self.report.writes_acked += 1;
+                let secs = self.oracle.acked(wid);
+                if fua {
+                    let still = epoch.is_some() && self.conn_if_established(node) == epoch;
+                    for s in secs {
+                        raise(&mut self.nodes[node].durable_floor, s, wid);
+                        if still {
+                            raise(&mut self.nodes[1 - node].durable_floor, s, wid);
+                        }
+                    }
+                }
+            }
+            Req::Read {
+                offset,
+                len,
+                floors,
+            } => {
+                self.report.reads_checked += 1;
+                if data.len() as u64 != len {
+                    return Err(self.fail(format!("{name}: read returned {} bytes", data.len())));
+                }
+                self.oracle
+                    .check(
+                        offset,
+                        &data,
+                        &floors,
+                        &format!("{name} read {offset}+{len}"),
+                    )
+                    .map_err(|e| self.fail(e))?;
+            }
+            Req::Flush { snapshot, epoch } => {
+                self.report.flushes_acked += 1;
+                let still = epoch.is_some() && self.conn_if_established(node) == epoch;
+                for (&s, &w) in &snapshot {
+                    raise(&mut self.nodes[node].durable_floor, s, w);
+                    if still {
+                        raise(&mut self.nodes[1 - node].durable_floor, s, w);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ----- faults -----
+
+    fn crash(&mut self, node: usize) -> Result<(), SimFailure> {
+        if self.nodes[node].engine.is_none() {
+            return Ok(());
+        }
+        self.report.crashes += 1;
+        let name = self.nodes[node].name;
+        self.log(format!("CRASH {name}"));
+        let inflight = std::mem::take(&mut self.nodes[node].inflight);
+        let tear = std::mem::take(&mut self.nodes[node].tear_next_meta);
+        let mut torn_one = false;
+        for (_, op) in inflight {
+            if let DiskOp::MetaWrite { offset_bytes, data } = op {
+                if tear || self.rng.chance(1, 4) {
+                    let (n, rng) = (&mut self.nodes[node], &mut self.rng);
+                    n.meta.torn_write(offset_bytes, &data, rng);
+                    torn_one = true;
+                }
+            }
+        }
+        if tear && !torn_one {
+            self.log("no metadata write was in flight to tear".to_string());
+        }
+        let n = &mut self.nodes[node];
+        n.engine = None;
+        n.inc += 1;
+        n.data.crash(&mut self.rng);
+        n.meta.crash(&mut self.rng);
+        // Client requests on the crashed node are lost (never acknowledged).
+        self.outstanding.retain(|_, (n, _, _)| *n != node);
+        // Durability: everything flushed must have survived.
+        let floor = self.nodes[node].durable_floor.clone();
+        for (&s, &w) in &floor {
+            let off = s * ORACLE_SECTOR_BYTES;
+            let bytes = self.nodes[node].data.read(off, ORACLE_SECTOR_BYTES);
+            let mut one = Floors::new();
+            one.insert(s, w);
+            self.oracle
+                .check(
+                    off,
+                    &bytes,
+                    &one,
+                    &format!("{name} after crash (flushed data)"),
+                )
+                .map_err(|e| self.fail(e))?;
+        }
+        self.link_down_both()?;
+        Ok(())
+    }
+
+    fn script(&mut self, a: Action) -> Result<(), SimFailure> {
+        self.log(format!("script: {a:?}"));
+        match a {
+            Action::Crash(n) => {
+                let was_primary = self
+                    .engine(n)
+                    .is_some_and(|e| e.role() == NodeRole::Primary);
+                let peer_established = self.conn_if_established(n).is_some();
+                self.crash(n)?;
+                if was_primary && peer_established && !self.split_brain_expected {
+                    self.failover(1 - n)?;
+                }
+            }
+            Action::CrashTearingSuperblock(n) => {
+                self.nodes[n].tear_next_meta = true;
+                self.crash(n)?;
+            }
+            Action::Restart(n) => {
+                if self.nodes[n].engine.is_none() {
+                    // The disk state after restart is what a crash left.
+                    self.nodes[n].inflight.clear();
+                    self.start_node(n)?;
+                    self.ensure_primary()?;
+                }
+            }
+            Action::Partition => {
+                self.partitioned = true;
+                self.link_down_both()?;
+            }
+            Action::Heal => {
+                self.partitioned = false;
+                self.maybe_connect();
+            }
+            Action::Promote(n) => {
+                self.feed(n, Input::Admin(AdminCommand::Primary { force: false }))?;
+                if self
+                    .engine(n)
+                    .is_some_and(|e| e.role() == NodeRole::Primary)
+                {
+                    self.client_node = n;
+                }
+            }
+            Action::Switchover => {
+                let p = self.client_node;
+                if self.conn_if_established(p).is_some() && self.outstanding.is_empty() {
+                    self.feed(p, Input::Admin(AdminCommand::Secondary))?;
+                    self.feed(1 - p, Input::Admin(AdminCommand::Primary { force: false }))?;
+                    if self
+                        .engine(1 - p)
+                        .is_some_and(|e| e.role() == NodeRole::Primary)
+                    {
+                        self.client_node = 1 - p;
+                    } else {
+                        return Err(self.fail("switchover: in-sync peer refused promotion".into()));
+                    }
+                }
+            }
+            Action::UntrackedWrites(n, count) => {
+                for _ in 0..count {
+                    let id = ClientId(self.next_client);
+                    self.next_client += 1;
+                    let offset = self.rng.below(SIM_HOT_REGIONS)
+                        * (self.layout.data_size_bytes / SIM_HOT_REGIONS);
+                    let wid = self
+                        .oracle
+                        .submit(offset, ORACLE_SECTOR_BYTES, false, false);
+                    let data = Bytes::from(self.oracle.data_for(wid));
+                    let inc = self.nodes[n].inc;
+                    self.outstanding.insert(
+                        id,
+                        (
+                            n,
+                            inc,
+                            Req::Write {
+                                wid,
+                                fua: false,
+                                epoch: None,
+                            },
+                        ),
+                    );
+                    self.feed(
+                        n,
+                        Input::Client {
+                            id,
+                            request: ClientRequest::Write {
+                                offset,
+                                data,
+                                fua: false,
+                            },
+                        },
+                    )?;
+                }
+            }
+            Action::Admin(n, cmd) => self.feed(n, Input::Admin(cmd))?,
+            Action::NetFaults { corrupt, duplicate } => {
+                self.corrupt_per_mille = corrupt;
+                self.dup_per_mille = duplicate;
+            }
+            Action::EndSafety => {
+                self.safety_over = true;
+                self.client_on = false;
+            }
+        }
+        self.schedule_client();
+        Ok(())
+    }
+
+    /// If nobody is Primary, the client's node takes the role back (after a
+    /// restart of a Primary that had no in-sync peer to fail over to).
+    fn ensure_primary(&mut self) -> Result<(), SimFailure> {
+        let any = (0..2).any(|n| {
+            self.engine(n)
+                .is_some_and(|e| e.role() == NodeRole::Primary)
+        });
+        let p = self.client_node;
+        if !any && self.engine(p).is_some() {
+            self.feed(p, Input::Admin(AdminCommand::Primary { force: false }))?;
+            if self
+                .engine(p)
+                .is_some_and(|e| e.role() != NodeRole::Primary)
+            {
+                let st = self.engine(p).map(|e| e.status());
+                return Err(self.fail(format!("restarted primary refused promotion: {st:?}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Promote the surviving node after the Primary crashed; it must hold
+    /// every acknowledged write.
+    fn failover(&mut self, n: usize) -> Result<(), SimFailure> {
+        self.report.failovers += 1;
+        let name = self.nodes[n].name;
+        self.feed(n, Input::Admin(AdminCommand::Primary { force: false }))?;
+        if !self
+            .engine(n)
+            .is_some_and(|e| e.role() == NodeRole::Primary)
+        {
+            return Err(self.fail(format!(
+                "failover: {name} (UpToDate, was connected) refused promotion"
+            )));
+        }
+        let acked: Vec<(u64, u64)> = self.oracle.acked.iter().map(|(&s, &w)| (s, w)).collect();
+        for (s, w) in acked {
+            let off = s * ORACLE_SECTOR_BYTES;
+            let bytes = self.nodes[n].data.read(off, ORACLE_SECTOR_BYTES);
+            let mut one = Floors::new();
+            one.insert(s, w);
+            self.oracle
+                .check(off, &bytes, &one, &format!("{name} after failover"))
+                .map_err(|e| self.fail(e))?;
+        }
+        self.client_node = n;
+        self.log(format!("failover to {name} verified"));
+        Ok(())
+    }
+
+    // ----- invariants -----
+
+    fn check_invariants(&self) -> Result<(), SimFailure> {
+        let (a, b) = (self.engine(0), self.engine(1));
+        if let (Some(a), Some(b)) = (a, b) {
+            let (sa, sb) = (a.status(), b.status());
+            if sa.role == NodeRole::Primary
+                && sb.role == NodeRole::Primary
+                && (sa.replication != ReplState::Off || sb.replication != ReplState::Off)
+            {
+                return Err(self.fail("two Primaries replicating to each other".to_string()));
+            }
+            if self.split_brain_expected
+                && sa.role == NodeRole::Primary
+                && sb.role == NodeRole::Primary
+                && (sa.connection == ConnState::Connected && sa.replication != ReplState::Off)
+            {
+                return Err(self.fail("split brain silently merged".to_string()));
+            }
+        }
+        for n in 0..2 {
+            if let Some(e) = self.engine(n) {
+                let st = e.status();
+                if st.role == NodeRole::Primary && st.disk != DiskState::UpToDate {
+                    return Err(self.fail(format!(
+                        "{} is Primary with a {} disk",
+                        self.nodes[n].name, st.disk
+                    )));
+                }
+                if e.pending_client_requests() > crate::engine::MAX_CLIENT_REQUESTS {
+                    return Err(self.fail("client queue above its bound".to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Both up, connected, Established, nothing out of sync, nothing pending.
+    fn converged(&self) -> bool {
+        let (Some(a), Some(b)) = (self.engine(0), self.engine(1)) else {
+            return false;
+        };
+        let (sa, sb) = (a.status(), b.status());
+        self.outstanding.is_empty()
+            && sa.replication == ReplState::Established
+            && sb.replication == ReplState::Established
+            && sa.out_of_sync_bytes == 0
+            && sb.out_of_sync_bytes == 0
+            && sa.disk == DiskState::UpToDate
+            && sb.disk == DiskState::UpToDate
+            && a.pending_disk_ops() == 0
+            && b.pending_disk_ops() == 0
+    }
+
+    fn final_check(&mut self) -> Result<(), SimFailure> {
+        let diff = self.nodes[0].data.differing_pages(&self.nodes[1].data);
+        if !diff.is_empty() {
+            return Err(self.fail(format!(
+                "replicas differ after convergence in {} pages, first at byte {}",
+                diff.len(),
+                diff[0] * disk::SIM_PAGE_BYTES
+            )));
+        }
+        let p = self.client_node;
+        let name = self.nodes[p].name;
+        let acked: Vec<(u64, u64)> = self.oracle.acked.iter().map(|(&s, &w)| (s, w)).collect();
+        for (s, w) in acked {
+            let off = s * ORACLE_SECTOR_BYTES;
+            let bytes = self.nodes[p].data.read(off, ORACLE_SECTOR_BYTES);
+            let mut one = Floors::new();
+            one.insert(s, w);
+            self.oracle
+                .check(off, &bytes, &one, &format!("{name} at the end"))
+                .map_err(|e| self.fail(e))?;
+        }
+        let touched: Vec<u64> = self.oracle.touched_sectors().collect();
+        for s in touched {
+            let off = s * ORACLE_SECTOR_BYTES;
+            let bytes = self.nodes[p].data.read(off, ORACLE_SECTOR_BYTES);
+            oracle::decode_sector(&bytes, off).map_err(|e| self.fail(e))?;
+        }
+        Ok(())
+    }
+}
+
+fn raise(f: &mut Floors, s: u64, w: u64) {
+    let e = f.entry(s).or_insert(0);
+    *e = (*e).max(w);
+}
+
+fn new_node(name: &'static str, layout: &MetadataLayout) -> Result<Node, String> {
+    let mut meta = SimDisk::new(layout.metadata_bytes);
+    let created =
+        metadata::create(layout, "sim", name, SIM_AL_EXTENTS).map_err(|e| e.to_string())?;
+    for w in created.writes {
+        match w {
+            MetadataWrite::Data {
+                offset_bytes,
+                bytes,
+            } => meta.write(offset_bytes, &bytes, true),
+            MetadataWrite::Zero {
+                offset_bytes,
+                len_bytes,
+            } => meta.write(offset_bytes, &vec![0u8; len_bytes as usize], true),
+        }
+    }
+    meta.flush();
+    Ok(Node {
+        name,
+        engine: None,
+        data: SimDisk::new(layout.data_size_bytes),
+        meta,
+        inc: 0,
+        inflight: BTreeMap::new(),
+        tick_at: None,
+        durable_floor: Floors::new(),
+        tear_next_meta: false,
+    })
+}
+
+/// Run one simulation.
+pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
+    let mut rng = SplitMix64::new(cfg.seed);
+    let layout = MetadataLayout::external(
+        SIM_DISK_BYTES,
+        64 * 1024 * 1024,
+        crate::bitmap::DEFAULT_BITMAP_BLOCK_BYTES,
+        SIM_AL_EXTENTS,
+    )
+    .expect("valid sim geometry");
+    let mk = |name| {
+        new_node(name, &layout).map_err(|e| SimFailure {
+            seed: cfg.seed,
+            message: format!("create-md failed: {e}"),
+            trace_tail: Vec::new(),
+        })
+    };
+    let nodes = [mk("alpha")?, mk("bravo")?];
+    let mut w = World {
+        rng: SplitMix64::new(rng.next_u64()),
+        cfg: cfg.clone(),
+        now: 0,
+        seq: 0,
+        events: BTreeMap::new(),
+        nodes,
+        layout,
+        conn: None,
+        next_epoch: 0,
+        connect_pending: false,
+        partitioned: false,
+        corrupt_per_mille: 0,
+        dup_per_mille: 0,
+        link_tail: [0, 0],
+        rx: [BytesMut::new(), BytesMut::new()],
+        client_on: false,
+        client_node: 0,
+        client_tracked: true,
+        outstanding: BTreeMap::new(),
+        next_client: 1,
+        client_scheduled: false,
+        oracle: Oracle::new(),
+        trace: Vec::new(),
+        report: SimReport::default(),
+        split_brain_expected: cfg.scenario == Scenario::SplitBrainBothPromoted,
+        safety_over: false,
+    };
+    w.start_node(0)?;
+    w.start_node(1)?;
+    // Bring the pair up: connect, then either skip the initial sync of the
+    // two empty disks or force-promote alpha and sync everything.
+    w.run_until(|w| w.both_established(), 10_000_000_000, "initial connect")?;
+    let full_initial_sync = rng.chance(1, 4) && cfg.scenario == Scenario::Random;
+    if full_initial_sync {
+        w.feed(0, Input::Admin(AdminCommand::Primary { force: true }))?;
+    } else {
+        w.feed(
+            0,
+            Input::Admin(AdminCommand::NewCurrentUuid { clear_bitmap: true }),
+        )?;
+        w.run_until(
+            |w| {
+                w.engine(1)
+                    .is_some_and(|e| e.disk_state() == DiskState::UpToDate)
+            },
+            10_000_000_000,
+            "clear-bitmap adoption",
+        )?;
+        w.feed(0, Input::Admin(AdminCommand::Primary { force: false }))?;
+    }
+    if w.engine(0).map(|e| e.role()) != Some(NodeRole::Primary) {
+        return Err(w.fail("alpha could not be promoted at start".to_string()));
+    }
+    w.client_node = 0;
+    w.client_on = true;
+    w.schedule_client();
+    let start = w.now;
+    plan(&mut w, &mut rng, start);
+    w.run_until(
+        |w| w.safety_over,
+        cfg.safety_ns * 4 + 1_000_000_000,
+        "safety phase",
+    )?;
+    // Healed phase: no faults, everything restarted, one Primary.
+    w.corrupt_per_mille = 0;
+    w.dup_per_mille = 0;
+    w.partitioned = false;
+    for n in 0..2 {
+        if w.nodes[n].engine.is_none() {
+            w.nodes[n].inflight.clear();
+            w.start_node(n)?;
+        }
+    }
+    if w.split_brain_expected {
+        w.resolve_split_brain()?;
+    }
+    w.ensure_primary()?;
+    for n in 0..2 {
+        if w.engine(n)
+            .is_some_and(|e| e.status().connection == ConnState::StandAlone)
+        {
+            w.feed(n, Input::Admin(AdminCommand::Connect))?;
+        }
+    }
+    w.maybe_connect();
+    let deadline = SIM_CONVERGE_DEADLINE_NS;
+    w.run_until(|w| w.converged(), deadline, "convergence")?;
+    w.final_check()?;
+    w.report.events = w.seq;
+    w.report.sim_time_ns = w.now;
+    Ok(w.report.clone())
+}
+
+impl World {
+    fn both_established(&self) -> bool {
+        (0..2).all(|n| {
+            self.engine(n)
+                .is_some_and(|e| e.status().replication == ReplState::Established)
+        })
+    }
+
+    /// Process events until `done` holds; fail if the budget runs out.
+    fn run_until(
+        &mut self,
+        done: impl Fn(&World) -> bool,
+        budget_ns: u64,
+        what: &str,
+    ) -> Result<(), SimFailure> {
+        let deadline = self.now + budget_ns;
+        let mut steps = 0u64;
+        while !done(self) {
+            let Some((&(t, s), _)) = self.events.iter().next() else {
+                return Err(self.fail(format!("{what}: nothing left to happen")));
+            };
+            if t > deadline {
+                let st: Vec<String> = (0..2)
+                    .map(|n| match self.engine(n) {
+                        Some(e) => format!("{}: {:?}", self.nodes[n].name, e.status()),
+                        None => format!("{}: down", self.nodes[n].name),
+                    })
+                    .collect();
+                return Err(self.fail(format!("{what}: not reached in time; {}", st.join("; "))));
+            }
+            let ev = self.events.remove(&(t, s)).expect("peeked");
+            self.now = self.now.max(t);
+            self.step(ev)?;
+            self.check_invariants()?;
+            steps += 1;
+            if steps > SIM_MAX_EVENTS {
+                return Err(self.fail(format!("{what}: event budget exhausted")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Split-brain scenario: the split must have been detected, the link
+    /// must be down, and nothing overwritten. Then the operator discards
+    /// bravo's changes (secondary + invalidate) and reconnects.
+    fn resolve_split_brain(&mut self) -> Result<(), SimFailure> {
+        let before = [self.nodes[0].data.digest(), self.nodes[1].data.digest()];
+        self.client_on = false;
+        self.run_until(
+            |w| w.report.split_brains_seen > 0 && w.outstanding.is_empty(),
+            20_000_000_000,
+            "split-brain detection",
+        )?;
+        // Let a few reconnect attempts happen: they must stay refused.
+        let until = self.now + 200_000_000;
+        self.run_until(
+            |w| w.now >= until || w.events.is_empty(),
+            1_000_000_000,
+            "standalone",
+        )?;
+        for n in 0..2 {
+            let st = self.engine(n).map(|e| e.status());
+            if st.is_some_and(|s| s.replication != ReplState::Off) {
+                return Err(self.fail("split brain: link came up anyway".to_string()));
+            }
+        }
+        let after = [self.nodes[0].data.digest(), self.nodes[1].data.digest()];
+        if before != after {
+            return Err(self.fail("split brain: data overwritten automatically".to_string()));
+        }
+        self.feed(1, Input::Admin(AdminCommand::Secondary))?;
+        self.feed(1, Input::Admin(AdminCommand::Invalidate))?;
+        self.client_node = 0;
+        Ok(())
+    }
+}
+
+/// Lay out the fault script of a scenario.
+fn plan(w: &mut World, rng: &mut SplitMix64, start: u64) {
+    let t = |frac_per_mille: u64| start + w.cfg.safety_ns * frac_per_mille / 1000;
+    let mut s: Vec<(u64, Action)> = Vec::new();
+    match w.cfg.scenario {
+        Scenario::PrimaryCrashMidWrite => {
+            s.push((t(500), Action::Crash(0)));
+            s.push((t(800), Action::Restart(0)));
+        }
+        Scenario::SecondaryCrash => {
+            s.push((t(300), Action::Crash(1)));
+            s.push((t(600), Action::Restart(1)));
+        }
+        Scenario::PartitionThenHeal => {
+            s.push((t(200), Action::Partition));
+            s.push((t(600), Action::Heal));
+        }
+        Scenario::PartitionDuringResync => {
+            s.push((t(100), Action::Partition));
+            s.push((t(400), Action::Heal));
+            s.push((t(420), Action::Partition));
+            s.push((t(600), Action::Heal));
+            s.push((t(610), Action::Partition));
+            s.push((t(800), Action::Heal));
+        }
+        Scenario::CorruptAndDuplicatedFrames => {
+            s.push((
+                t(0),
+                Action::NetFaults {
+                    corrupt: 3,
+                    duplicate: 3,
+                },
+            ));
+        }
+        Scenario::SplitBrainBothPromoted => {
+            s.push((t(200), Action::Partition));
+            s.push((t(300), Action::Promote(1)));
+            s.push((t(700), Action::Heal));
+        }
+        Scenario::FlushRacingDisconnect => {
+            for k in 0..8 {
+                s.push((t(100 + k * 100), Action::Partition));
+                s.push((t(100 + k * 100 + 3), Action::Heal));
+            }
+        }
+        Scenario::TornMetadataSlot => {
+            s.push((t(300), Action::Partition));
+            s.push((t(400), Action::Heal));
+            s.push((t(401), Action::CrashTearingSuperblock(1)));
+            s.push((t(600), Action::Restart(1)));
+        }
+        Scenario::Random => random_plan(w, rng, &mut s, start),
+    }
+    if w.cfg.scenario == Scenario::SplitBrainBothPromoted {
+        // bravo writes too while partitioned: those writes are discarded.
+        s.push((t(320), Action::UntrackedWrites(1, 16)));
+    }
+    s.push((t(1000), Action::EndSafety));
+    for (time, a) in s {
+        w.at(time, Ev::Script(a));
+    }
+}
+
+fn random_plan(w: &World, rng: &mut SplitMix64, s: &mut Vec<(u64, Action)>, start: u64) {
+    let span = w.cfg.safety_ns;
+    let faults = 1 + rng.below(5);
+    let mut t = start;
+    for _ in 0..faults {
+        t += rng.below(span / (faults + 1)) + 1_000_000;
+        let d = 5_000_000 + rng.below(span / 4);
+        match rng.below(10) {
+            0 => {
+                s.push((t, Action::Crash(0)));
+                s.push((t + d, Action::Restart(0)));
+            }
+            1 => {
+                s.push((t, Action::Crash(1)));
+                s.push((t + d, Action::Restart(1)));
+            }
+            2 | 3 => {
+                s.push((t, Action::Partition));
+                s.push((t + d, Action::Heal));
+            }
+            4 => {
+                s.push((
+                    t,
+                    Action::NetFaults {
+                        corrupt: 1 + rng.below(5),
+                        duplicate: rng.below(5),
+                    },
+                ));
+                s.push((
+                    t + d,
+                    Action::NetFaults {
+                        corrupt: 0,
+                        duplicate: 0,
+                    },
+                ));
+            }
+            5 => s.push((t, Action::Admin(0, AdminCommand::Verify))),
+            6 => {
+                s.push((t, Action::Admin(1, AdminCommand::Invalidate)));
+            }
+            7 => {
+                s.push((t, Action::Admin(1, AdminCommand::PauseSync)));
+                s.push((t + d, Action::Admin(1, AdminCommand::ResumeSync)));
+            }
+            8 => s.push((t, Action::Switchover)),
+            _ => {
+                s.push((t, Action::CrashTearingSuperblock(1)));
+                s.push((t + d, Action::Restart(1)));
+            }
+        }
+        t += d;
+    }
+}
