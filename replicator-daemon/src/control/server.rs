@@ -21,6 +21,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, watch, Semaphore};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use super::protocol::{exists_dump, Event, Request, Response, Timestamp, MAX_REQUEST_BYTES};
 
@@ -53,6 +54,15 @@ pub const SOCKET_MODE: u32 = 0o600;
 /// never passes [`Request::Events`] (it serves subscriptions itself, asking
 /// for a [`Request::Status`] to build the initial dump). The returned future
 /// may be dropped before completion when the server shuts down.
+///
+/// Contract for the daemon: answer `{"ok":true}` only once the command took
+/// effect or, for resync and verify, once the operation is visible in the
+/// next status (replication state or progress), because `replctl --wait`
+/// polls status right after. Refusals are one sentence saying why
+/// ("The local disk is Outdated; use --force to promote it anyway.").
+/// Publish state changes on the broadcast channel given to [`run`], e.g. as
+/// [`super::protocol::change_events`] between the statuses before and after
+/// each step.
 pub trait ControlHandler: Send + Sync {
     /// Carry out `request` and say how it went.
     fn handle(&self, request: Request) -> Pin<Box<dyn Future<Output = Response> + Send + '_>>;
@@ -192,6 +202,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
     let mut tasks = JoinSet::new();
+    let mut connection_id: u64 = 0;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -211,10 +222,15 @@ pub async fn run(
                 let handler = Arc::clone(&handler);
                 let events = events.clone();
                 let stop = stop_rx.clone();
-                tasks.spawn(async move {
-                    let _permit = permit;
-                    serve_connection(stream, handler, events, stop).await;
-                });
+                connection_id += 1;
+                let span = tracing::debug_span!("control", conn = connection_id);
+                tasks.spawn(
+                    async move {
+                        let _permit = permit;
+                        serve_connection(stream, handler, events, stop).await;
+                    }
+                    .instrument(span),
+                );
             }
             // Reap finished connection tasks so the set does not grow.
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}

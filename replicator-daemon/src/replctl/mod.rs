@@ -408,6 +408,57 @@ pub fn classify(op: WaitOp, status: &StatusReport) -> WaitState {
     }
 }
 
+/// How long `resync --wait` waits for a resync to show up while data is
+/// still out of sync, in milliseconds.
+pub const WAIT_START_TIMEOUT_MS: u64 = 10_000;
+
+/// Follows the statuses seen by one `--wait`: like [`classify`], except that
+/// a resync that has not shown up yet while blocks are still out of sync is
+/// "starting", not done, for up to [`WAIT_START_TIMEOUT_MS`].
+#[derive(Debug, Clone)]
+pub struct WaitTracker {
+    op: WaitOp,
+    seen_running: bool,
+}
+
+impl WaitTracker {
+    /// A tracker for `op`, right after the daemon accepted the command.
+    pub fn new(op: WaitOp) -> Self {
+        WaitTracker {
+            op,
+            seen_running: false,
+        }
+    }
+
+    /// Classify `status`, seen `since_request_ms` after the command was
+    /// accepted.
+    pub fn observe(&mut self, status: &StatusReport, since_request_ms: u64) -> WaitState {
+        let state = classify(self.op, status);
+        match state {
+            WaitState::Running(_) | WaitState::Paused(_) => {
+                self.seen_running = true;
+                state
+            }
+            WaitState::Done
+                if self.op == WaitOp::Resync
+                    && !self.seen_running
+                    && status.out_of_sync_bytes > 0 =>
+            {
+                if since_request_ms < WAIT_START_TIMEOUT_MS {
+                    WaitState::Running(None)
+                } else {
+                    WaitState::Aborted(format!(
+                        "resync did not start within {} s; {} remain out of sync",
+                        WAIT_START_TIMEOUT_MS / 1000,
+                        render::bytes(status.out_of_sync_bytes)
+                    ))
+                }
+            }
+            other => other,
+        }
+    }
+}
+
 /// The line printed when a waited-for operation finished.
 pub fn final_line(op: WaitOp, status: &StatusReport, last: Option<&Progress>) -> String {
     let amount = last
@@ -438,12 +489,15 @@ async fn wait_for(
     let mut last_plain: Option<tokio::time::Instant> = None;
     let mut was_paused = false;
     let mut bar_drawn = false;
+    let mut tracker = WaitTracker::new(op);
+    let started = tokio::time::Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(WAIT_POLL_INTERVAL_MS));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let status = fetch_status(client, target).await?;
-        let state = classify(op, &status);
+        let since_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let state = tracker.observe(&status, since_ms);
         let (progress, paused) = match &state {
             WaitState::Running(p) => (*p, false),
             WaitState::Paused(p) => (*p, true),

@@ -80,7 +80,9 @@ pub fn status_text(s: &StatusReport) -> String {
             "  split-brain:detected (nothing was overwritten; the link stays down until resolved)"
         );
     }
-    if s.connection == ConnectionState::Connected {
+    if s.peer_node.is_empty() {
+        let _ = writeln!(out, "  (no peer configured)");
+    } else if s.connection == ConnectionState::Connected {
         let _ = writeln!(
             out,
             "  {} role:{:?} connection:Connected protocol:{:?}",
@@ -287,6 +289,19 @@ mod tests {
             eta_s: None,
         });
         assert!(status_text(&s).contains("    verify:0.00% 0B/4.0KiB rate:0B/s eta:--:--\n"));
+    }
+
+    #[test]
+    fn status_text_of_a_one_node_resource_says_there_is_no_peer() {
+        // Proves a resource without a peer does not print an empty peer name.
+        let mut s = syncing();
+        s.peer_node = String::new();
+        s.connection = ConnectionState::StandAlone;
+        s.replication = ReplicationState::Off;
+        s.resync = None;
+        let text = status_text(&s);
+        assert!(text.contains("\n  (no peer configured)\n"), "{text}");
+        assert!(!text.contains("\n   connection"), "{text}");
     }
 
     #[test]

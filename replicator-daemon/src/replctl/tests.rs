@@ -651,6 +651,30 @@ fn classify_covers_running_paused_done_and_aborted() {
     ));
 }
 
+#[test]
+fn wait_tracker_treats_a_not_yet_started_resync_as_starting_until_the_deadline() {
+    // Proves the start grace: Established with blocks out of sync before any
+    // resync was seen is "starting", then aborted after the deadline; once a
+    // resync was seen, Established means done.
+    let mut pending = sample_status();
+    pending.out_of_sync_bytes = 4096;
+    let mut tracker = WaitTracker::new(WaitOp::Resync);
+    assert_eq!(tracker.observe(&pending, 0), WaitState::Running(None));
+    assert_eq!(
+        tracker.observe(&pending, WAIT_START_TIMEOUT_MS),
+        WaitState::Aborted("resync did not start within 10 s; 4.0KiB remain out of sync".into())
+    );
+    let mut tracker = WaitTracker::new(WaitOp::Resync);
+    let running = syncing(50, ReplicationState::SyncSource);
+    assert_eq!(
+        tracker.observe(&running, 0),
+        WaitState::Running(running.resync)
+    );
+    assert_eq!(tracker.observe(&pending, 1), WaitState::Done);
+    let mut tracker = WaitTracker::new(WaitOp::Resync);
+    assert_eq!(tracker.observe(&sample_status(), 0), WaitState::Done);
+}
+
 #[tokio::test]
 async fn events_prints_the_dump_and_changes_as_json_lines() {
     // Proves `replctl events` prints each event line as received (dump, end
