@@ -23,7 +23,10 @@ use tokio::sync::{broadcast, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::protocol::{exists_dump, Event, Request, Response, Timestamp, MAX_REQUEST_BYTES};
+use super::protocol::{
+    change_events, exists_dump, Event, Request, Response, StatusReport, Timestamp,
+    MAX_REQUEST_BYTES,
+};
 
 /// Control connections served at the same time; one more gets an error line
 /// and is closed.
@@ -66,6 +69,51 @@ pub const SOCKET_MODE: u32 = 0o600;
 pub trait ControlHandler: Send + Sync {
     /// Carry out `request` and say how it went.
     fn handle(&self, request: Request) -> Pin<Box<dyn Future<Output = Response> + Send + '_>>;
+}
+
+/// Turns the daemon's successive status snapshots into `change` events on
+/// the broadcast channel that [`run`] streams to subscribers.
+#[derive(Debug)]
+pub struct EventPublisher {
+    sender: broadcast::Sender<Event>,
+    last: Option<StatusReport>,
+}
+
+impl Default for EventPublisher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventPublisher {
+    /// A publisher with a channel of [`EVENT_CHANNEL_CAPACITY_EVENTS`].
+    pub fn new() -> Self {
+        let (sender, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY_EVENTS);
+        EventPublisher { sender, last: None }
+    }
+
+    /// The sender to give to [`run`] / [`serve`].
+    pub fn sender(&self) -> broadcast::Sender<Event> {
+        self.sender.clone()
+    }
+
+    /// Publish what changed since the previous snapshot; returns how many
+    /// events that was. The first snapshot only sets the baseline
+    /// (subscribers get the full state from their initial dump).
+    pub fn publish(&mut self, status: &StatusReport) -> usize {
+        let events = match &self.last {
+            Some(last) if last != status => {
+                change_events(last, status, &Timestamp::now().to_string())
+            }
+            _ => Vec::new(),
+        };
+        for event in &events {
+            // No subscriber is not an error: the event is simply not needed.
+            let _ = self.sender.send(event.clone());
+        }
+        self.last = Some(status.clone());
+        events.len()
+    }
 }
 
 /// Why the control socket could not be set up.

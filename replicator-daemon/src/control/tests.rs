@@ -279,6 +279,27 @@ async fn events_stream_starts_with_the_exists_dump_and_end_marker_then_changes()
 }
 
 #[tokio::test]
+async fn event_publisher_sends_only_differences_between_snapshots() {
+    // Proves the daemon-side helper: the first snapshot is a baseline, an
+    // unchanged one sends nothing, a change sends one line per object.
+    let publisher_statuses = {
+        let mut s = sample_status();
+        s.role = super::protocol::Role::Secondary;
+        s
+    };
+    let mut publisher = super::server::EventPublisher::new();
+    let mut rx = publisher.sender().subscribe();
+    assert_eq!(publisher.publish(&sample_status()), 0);
+    assert_eq!(publisher.publish(&sample_status()), 0);
+    assert_eq!(publisher.publish(&publisher_statuses), 1);
+    let event = rx.try_recv().unwrap();
+    assert_eq!(event.kind, EventKind::Change);
+    assert_eq!(event.object, EventObject::Resource);
+    assert_eq!(event.fields["role"], "Secondary");
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
 async fn lagging_event_subscriber_is_dropped_with_a_reason() {
     // Proves a subscriber that falls a whole channel behind is cut off with
     // an error line (memory stays bounded by the channel), and the server
