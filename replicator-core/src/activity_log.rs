@@ -370,8 +370,14 @@ impl ActivityLog {
             if idle.len() < need {
                 return Ok(AlDecision::Blocked(AlBlocked::AllExtentsBusy));
             }
+            // Only the `need` oldest matter: partial selection, not a full sort.
+            // (tick, slot) pairs are unique, so the choice is deterministic.
+            if need < idle.len() {
+                idle.select_nth_unstable(need - 1);
+                idle.truncate(need);
+            }
             idle.sort_unstable();
-            chosen.extend(idle.iter().take(need).map(|&(_, i)| i));
+            chosen.extend(idle.iter().map(|&(_, i)| i));
         }
         let sequence = self.committed_seq + 1;
         self.tick += 1;
