@@ -108,8 +108,10 @@ pub enum Rule {
     PeerEmpty,
     EqualCurrent,
     PeerBitmapIsMyCurrent,
+    PeerBitmapCoversMyGeneration,
     MyCurrentInPeerHistory,
     MyBitmapIsPeerCurrent,
+    MyBitmapCoversPeerGeneration,
     PeerCurrentInMyHistory,
     EqualBitmaps,
     CommonHistory,
@@ -177,6 +179,14 @@ pub fn compare_uuids(me: &Side<'_>, peer: &Side<'_>, i_win_ties: bool) -> (Decis
             Rule::PeerBitmapIsMyCurrent,
         );
     }
+    if covers(pu, mu) {
+        return (
+            Decision::BitmapResync {
+                source: SyncSource::Peer,
+            },
+            Rule::PeerBitmapCoversMyGeneration,
+        );
+    }
     if in_history(mu.current, pu.history) {
         return (
             Decision::FullSync {
@@ -191,6 +201,14 @@ pub fn compare_uuids(me: &Side<'_>, peer: &Side<'_>, i_win_ties: bool) -> (Decis
                 source: SyncSource::Me,
             },
             Rule::MyBitmapIsPeerCurrent,
+        );
+    }
+    if covers(mu, pu) {
+        return (
+            Decision::BitmapResync {
+                source: SyncSource::Me,
+            },
+            Rule::MyBitmapCoversPeerGeneration,
         );
     }
     if in_history(pu.current, mu.history) {
@@ -222,6 +240,15 @@ pub fn compare_uuids(me: &Side<'_>, peer: &Side<'_>, i_win_ties: bool) -> (Decis
         );
     }
     (Decision::Unrelated, Rule::NothingInCommon)
+}
+
+/// `a`'s bitmap covers `b`'s data: `b` finished a resync from `a` and adopted
+/// a generation `a` had since its bitmap UUID (so `b`'s current is in `a`'s
+/// history and `a`'s bitmap UUID is in `b`'s history), but `a` never learnt
+/// that the resync finished (the link dropped) and moved on. Every block `b`
+/// lacks was written since `a`'s bitmap UUID, so a bitmap resync suffices.
+fn covers(a: &UuidView<'_>, b: &UuidView<'_>) -> bool {
+    !is_empty(a.bitmap) && in_history(a.bitmap, b.history) && in_history(b.current, a.history)
 }
 
 fn in_history(uuid: u64, history: &[u64]) -> bool {

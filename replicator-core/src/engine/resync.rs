@@ -401,7 +401,12 @@ impl Engine {
         self.target = None;
         self.uuids.current = src.current & !generation::UUID_PRIMARY_BIT;
         self.uuids.bitmap = 0;
+        // Keep the source's bitmap UUID in our history: if the source never
+        // hears that we finished, it can still resync us by bitmap.
         self.uuids.history = src.history;
+        if src.bitmap != 0 {
+            self.push_history(src.bitmap);
+        }
         self.crashed_primary = false;
         self.set_disk(DiskState::UpToDate);
         self.bitmap.mark_all_dirty();

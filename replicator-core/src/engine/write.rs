@@ -229,6 +229,11 @@ impl Engine {
 
     fn try_start_app(&mut self, id: ClientId) -> bool {
         let replicating = self.replicating;
+        // During the handshake (connected, bitmaps not yet exchanged) writes
+        // wait: a bit set now would miss the bitmap already sent.
+        if self.conn == super::ConnState::Connected && !replicating {
+            return false;
+        }
         // Mirrored writes need room in the transfer log.
         if replicating && self.primary.transfer_log.len() >= MAX_TRANSFER_LOG_WRITES {
             return false;

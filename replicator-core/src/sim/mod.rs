@@ -824,13 +824,9 @@ impl World {
                 self.maybe_connect();
             }
             Action::Promote(n) => {
+                // The client stays with its node (a split-brain second
+                // Primary only gets untracked writes).
                 self.feed(n, Input::Admin(AdminCommand::Primary { force: false }))?;
-                if self
-                    .engine(n)
-                    .is_some_and(|e| e.role() == NodeRole::Primary)
-                {
-                    self.client_node = n;
-                }
             }
             Action::Switchover => {
                 let p = self.client_node;
@@ -1225,25 +1221,37 @@ impl World {
     /// must be down, and nothing overwritten. Then the operator discards
     /// bravo's changes (secondary + invalidate) and reconnects.
     fn resolve_split_brain(&mut self) -> Result<(), SimFailure> {
-        let before = [self.nodes[0].data.digest(), self.nodes[1].data.digest()];
         self.client_on = false;
+        let quiet = |w: &World| {
+            w.outstanding.is_empty()
+                && (0..2).all(|n| w.engine(n).is_some_and(|e| e.pending_disk_ops() == 0))
+        };
         self.run_until(
-            |w| w.report.split_brains_seen > 0 && w.outstanding.is_empty(),
+            |w| w.report.split_brains_seen > 0 && quiet(w),
             20_000_000_000,
             "split-brain detection",
         )?;
-        // Let a few reconnect attempts happen: they must stay refused.
-        let until = self.now + 200_000_000;
+        let before = [self.nodes[0].data.digest(), self.nodes[1].data.digest()];
+        let seen = self.report.split_brains_seen;
+        // The operator retries connecting: it must be refused again.
+        for n in 0..2 {
+            self.feed(n, Input::Admin(AdminCommand::Connect))?;
+        }
         self.run_until(
-            |w| w.now >= until || w.events.is_empty(),
-            1_000_000_000,
-            "standalone",
+            |w| w.report.split_brains_seen > seen && quiet(w) && w.conn.is_none(),
+            20_000_000_000,
+            "split brain detected again",
         )?;
+        let mut reported = false;
         for n in 0..2 {
             let st = self.engine(n).map(|e| e.status());
-            if st.is_some_and(|s| s.replication != ReplState::Off) {
-                return Err(self.fail("split brain: link came up anyway".to_string()));
+            if st.as_ref().is_some_and(|s| s.replication != ReplState::Off) {
+                return Err(self.fail(format!("split brain: link came up anyway: {st:?}")));
             }
+            reported |= st.is_some_and(|s| s.split_brain);
+        }
+        if !reported {
+            return Err(self.fail("split brain not reported in status".to_string()));
         }
         let after = [self.nodes[0].data.digest(), self.nodes[1].data.digest()];
         if before != after {
