@@ -230,6 +230,38 @@ fn peer_bitmap_uuid_equal_to_my_current_makes_me_bitmap_target() {
 }
 
 #[test]
+fn finished_resync_the_source_never_heard_of_is_a_bitmap_resync() {
+    // bravo finished a resync from alpha (adopting generation C, keeping
+    // alpha's bitmap UUID A in its history); the link dropped before alpha
+    // learnt it, and alpha wrote on (new current D, C in history, bitmap
+    // still A). alpha's bitmap covers everything bravo lacks.
+    let (d, rule) = both_ways(
+        &side(D, A, &[C, 0], consistent(5)),
+        &side(C, 0, &[A, B], consistent(0)),
+        SplitBrainPolicy::Disconnect,
+    );
+    assert_eq!(
+        d,
+        Decision::BitmapResync {
+            source: SyncSource::Me
+        }
+    );
+    assert_eq!(rule, Rule::MyBitmapCoversPeerGeneration);
+    let (d, rule) = both_ways(
+        &side(C, 0, &[A, B], consistent(0)),
+        &side(D, A, &[C, 0], consistent(5)),
+        SplitBrainPolicy::Disconnect,
+    );
+    assert_eq!(
+        d,
+        Decision::BitmapResync {
+            source: SyncSource::Peer
+        }
+    );
+    assert_eq!(rule, Rule::PeerBitmapCoversMyGeneration);
+}
+
+#[test]
 fn my_current_in_peer_history_means_full_sync_from_peer() {
     // Peer went two generations past mine (bitmap lost): full sync to me.
     let (d, rule) = both_ways(
