@@ -238,6 +238,22 @@ pub async fn serve(
     Ok(())
 }
 
+/// Tunables of [`run_with`]; [`Default`] gives the documented limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// How long a connection may stay silent between requests, in
+    /// milliseconds (event subscribers excepted).
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            idle_timeout_ms: CONTROL_IDLE_TIMEOUT_MS,
+        }
+    }
+}
+
 /// Accept connections on `listener` until `shutdown` completes, each served
 /// by its own task. On shutdown: stop accepting, end event streams, give
 /// in-flight requests [`SHUTDOWN_GRACE_MS`], then remove the socket file.
@@ -246,6 +262,24 @@ pub async fn run(
     handler: Arc<dyn ControlHandler>,
     events: broadcast::Sender<Event>,
     shutdown: impl Future<Output = ()> + Send,
+) {
+    run_with(
+        listener,
+        handler,
+        events,
+        shutdown,
+        ServerOptions::default(),
+    )
+    .await;
+}
+
+/// [`run`] with explicit [`ServerOptions`].
+pub async fn run_with(
+    listener: ControlListener,
+    handler: Arc<dyn ControlHandler>,
+    events: broadcast::Sender<Event>,
+    shutdown: impl Future<Output = ()> + Send,
+    options: ServerOptions,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
@@ -275,7 +309,7 @@ pub async fn run(
                 tasks.spawn(
                     async move {
                         let _permit = permit;
-                        serve_connection(stream, handler, events, stop).await;
+                        serve_connection(stream, handler, events, stop, options).await;
                     }
                     .instrument(span),
                 );
@@ -393,6 +427,7 @@ async fn serve_connection(
     handler: Arc<dyn ControlHandler>,
     events: broadcast::Sender<Event>,
     mut stop: watch::Receiver<bool>,
+    options: ServerOptions,
 ) {
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::new(read_half);
@@ -400,7 +435,7 @@ async fn serve_connection(
         let line = tokio::select! {
             _ = stop.changed() => return,
             read = tokio::time::timeout(
-                Duration::from_millis(CONTROL_IDLE_TIMEOUT_MS),
+                Duration::from_millis(options.idle_timeout_ms),
                 read_line(&mut reader, MAX_REQUEST_BYTES),
             ) => read,
         };

@@ -15,7 +15,7 @@ use super::protocol::{
     ConnectionState, DiskState, Event, PeerRole, ReplicationProtocol, ReplicationState, Request,
     Response, Role, StatusReport,
 };
-use super::server::{bind, run, ControlHandler};
+use super::server::{bind, run_with, ControlHandler, ServerOptions};
 
 /// Longest any test waits for a condition, in milliseconds.
 pub const TEST_DEADLINE_MS: u64 = 10_000;
@@ -123,15 +123,31 @@ impl Fixture {
     /// Bind a socket and serve it with `handler`; `event_capacity` sizes the
     /// broadcast channel.
     pub fn start(handler: Arc<FakeHandler>, event_capacity: usize) -> Fixture {
+        Self::start_with(handler, event_capacity, ServerOptions::default())
+    }
+
+    /// [`Fixture::start`] with explicit server options.
+    pub fn start_with(
+        handler: Arc<FakeHandler>,
+        event_capacity: usize,
+        options: ServerOptions,
+    ) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ctl.sock");
         let listener = bind(&path).unwrap();
         let (events, _) = broadcast::channel(event_capacity);
         let (stop, stopped) = oneshot::channel::<()>();
         let dyn_handler: Arc<dyn ControlHandler> = handler.clone();
-        let task = tokio::spawn(run(listener, dyn_handler, events.clone(), async {
+        let stop_signal = async {
             let _ = stopped.await;
-        }));
+        };
+        let task = tokio::spawn(run_with(
+            listener,
+            dyn_handler,
+            events.clone(),
+            stop_signal,
+            options,
+        ));
         Fixture {
             _dir: dir,
             path,

@@ -395,3 +395,90 @@ async fn client_reports_unreachable_when_no_daemon_listens() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn event_subscriber_that_disconnects_is_released() {
+    // Proves a subscriber going away frees its broadcast receiver (no
+    // per-subscriber state is left behind to fill up).
+    let mut fx = Fixture::start(FakeHandler::scripted(vec![sample_status()]), 16);
+    let client = ControlClient::connect(&fx.path).await.unwrap();
+    let mut stream = client.subscribe().await.unwrap().unwrap();
+    for _ in 0..5 {
+        stream.next().await.unwrap().unwrap();
+    }
+    assert_eq!(fx.events.receiver_count(), 1);
+    drop(stream);
+    wait_until("the subscriber is released", || {
+        fx.events.receiver_count() == 0
+    })
+    .await;
+    fx.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_connection_is_told_and_closed_after_the_idle_timeout() {
+    // Proves a client that connects and says nothing does not hold its slot
+    // forever: after the idle timeout it gets an error line and EOF.
+    const IDLE_TIMEOUT_MS: u64 = 200;
+    let options = super::server::ServerOptions {
+        idle_timeout_ms: IDLE_TIMEOUT_MS,
+    };
+    let mut fx = Fixture::start_with(FakeHandler::scripted(vec![sample_status()]), 16, options);
+    let mut idle = UnixStream::connect(&fx.path).await.unwrap();
+    let mut text = String::new();
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(deadline(), idle.read_to_string(&mut text))
+        .await
+        .expect("idle connection never closed")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(IDLE_TIMEOUT_MS),
+        "closed too early"
+    );
+    let response: Response = serde_json::from_str(text.trim_end()).unwrap();
+    assert!(
+        matches!(&response, Response::Error(s) if s.contains("idle")),
+        "{response:?}"
+    );
+    fx.shutdown().await;
+}
+
+#[tokio::test]
+async fn serve_binds_serves_and_cleans_up_on_shutdown() {
+    // Proves the one-call entry point: it answers requests on the path and,
+    // once the shutdown future completes, returns Ok with the socket gone.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ctl.sock");
+    let (events, _) = tokio::sync::broadcast::channel(4);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handler: std::sync::Arc<dyn super::server::ControlHandler> =
+        FakeHandler::scripted(vec![sample_status()]);
+    let server = tokio::spawn({
+        let path = path.clone();
+        async move {
+            super::server::serve(&path, handler, events, async {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+    let deadline_at = tokio::time::Instant::now() + deadline();
+    let mut client = loop {
+        if let Ok(client) = ControlClient::connect(&path).await {
+            break client;
+        }
+        assert!(tokio::time::Instant::now() < deadline_at, "never bound");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(
+        client.request(&Request::Connect).await.unwrap(),
+        Response::ok_with("connect done")
+    );
+    stop.send(()).unwrap();
+    let result = tokio::time::timeout(deadline(), server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    assert!(!path.exists());
+}
