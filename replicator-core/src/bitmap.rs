@@ -21,12 +21,19 @@
 //! little-endian, back to back, in pages of [`BITMAP_PAGE_BYTES`]. Bits past
 //! the last block are zero.
 //!
-//! # Run-length code (wire)
+//! # Wire chunks
 //!
-//! A chunk starting at block `s` is a sequence of unsigned LEB128 varints:
-//! alternating run lengths of clear and set blocks, starting with a clear run
-//! (which may be 0). Every later run is at least 1. A chunk ends on a run
-//! boundary; the next chunk starts where it ended.
+//! A chunk starting at block `s` begins with a tag byte:
+//! - `0`, run-length code: unsigned LEB128 varints, alternating run lengths
+//!   of clear and set blocks, starting with a clear run (which may be 0);
+//!   every later run is at least 1. The chunk ends on a run boundary.
+//! - `1`, raw bits: block `s + 8*i + j` is bit `j` of byte `i`; the chunk
+//!   covers `8 * len` blocks (fewer at the end of the bitmap, with the unused
+//!   high bits zero).
+//!
+//! The encoder picks whichever covers more blocks within the budget, so a
+//! sparse bitmap costs a few bytes and a dense, scattered one at most about
+//! one bit per block. The next chunk starts where the previous one ended.
 
 use std::ops::Range;
 
@@ -51,8 +58,12 @@ const WORDS_PER_PAGE: usize = BITMAP_PAGE_BYTES / 8;
 const BITS_PER_PAGE: u64 = (BITMAP_PAGE_BYTES as u64) * 8;
 /// Longest LEB128 encoding of a u64.
 const MAX_VARINT_BYTES: usize = 10;
-/// Smallest chunk budget that always fits one clear run and one set run.
-pub const MIN_RLE_CHUNK_BYTES: usize = 2 * MAX_VARINT_BYTES;
+/// Smallest chunk budget: the tag plus one clear run and one set run.
+pub const MIN_RLE_CHUNK_BYTES: usize = 1 + 2 * MAX_VARINT_BYTES;
+/// Chunk tag: run-length varints follow.
+const CHUNK_TAG_RLE: u8 = 0;
+/// Chunk tag: raw bits follow, 8 blocks per byte, lowest bit first.
+const CHUNK_TAG_RAW: u8 = 1;
 
 /// Errors of bitmap construction, ranges, merges, pages and run-length code.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -487,17 +498,43 @@ impl Bitmap {
         Ok(())
     }
 
-    /// Run-length codes the bitmap from block `start`, stopping on a run
-    /// boundary before the code would exceed `max_bytes` (at least
-    /// [`MIN_RLE_CHUNK_BYTES`]). Returns the code and the block where the next
-    /// chunk starts (`len_blocks()` when done).
+    /// Encodes the bitmap from block `start` into one wire chunk of at most
+    /// `max_bytes` (at least [`MIN_RLE_CHUNK_BYTES`]): run-length code, or raw
+    /// bits when that covers more blocks in the same budget (dense, scattered
+    /// bitmaps). Returns the chunk and the block where the next chunk starts
+    /// (`len_blocks()` when done). Every chunk makes progress unless `start`
+    /// is already at the end.
     pub fn encode_rle(&self, start: BlockIndex, max_bytes: usize) -> (Bytes, BlockIndex) {
         assert!(
             max_bytes >= MIN_RLE_CHUNK_BYTES,
-            "rle chunk budget {max_bytes} below {MIN_RLE_CHUNK_BYTES}"
+            "bitmap chunk budget {max_bytes} below {MIN_RLE_CHUNK_BYTES}"
         );
-        let mut out = BytesMut::with_capacity(max_bytes.min(4096));
-        let mut pos = start.0.min(self.blocks);
+        let start = start.0.min(self.blocks);
+        let budget = max_bytes - 1;
+        let (runs, rle_end) = self.encode_runs(start, budget);
+        let raw_end = start.saturating_add(8 * budget as u64).min(self.blocks);
+        if raw_end <= rle_end {
+            let mut out = BytesMut::with_capacity(1 + runs.len());
+            out.put_u8(CHUNK_TAG_RLE);
+            out.put_slice(&runs);
+            return (out.freeze(), BlockIndex(rle_end));
+        }
+        let mut out = BytesMut::with_capacity(1 + ((raw_end - start) as usize).div_ceil(8));
+        out.put_u8(CHUNK_TAG_RAW);
+        let mut pos = start;
+        while pos < raw_end {
+            let n = (raw_end - pos).min(WORD_BITS);
+            let bits = self.bits_at(pos, n);
+            out.put_slice(&bits.to_le_bytes()[..(n as usize).div_ceil(8)]);
+            pos += n;
+        }
+        (out.freeze(), BlockIndex(raw_end))
+    }
+
+    /// Run-length varints from `start` within `budget` bytes.
+    fn encode_runs(&self, start: u64, budget: usize) -> (Vec<u8>, u64) {
+        let mut out = Vec::with_capacity(budget.min(4096));
+        let mut pos = start;
         let mut want_set = false;
         while pos < self.blocks {
             let next = if want_set {
@@ -506,9 +543,8 @@ impl Bitmap {
                 self.next_set(BlockIndex(pos))
             };
             let run_end = next.map_or(self.blocks, |b| b.0);
-            let run = run_end - pos;
             let mut buf = [0u8; MAX_VARINT_BYTES];
-            let n = put_varint(&mut buf, run);
+            let n = put_varint(&mut buf, run_end - pos);
             // A clear run must be followed by a set run in the same chunk,
             // unless it reaches the end, so reserve room for both.
             let reserve = if !want_set && run_end < self.blocks {
@@ -516,46 +552,122 @@ impl Bitmap {
             } else {
                 0
             };
-            if out.len() + n + reserve > max_bytes {
+            if out.len() + n + reserve > budget {
                 break;
             }
-            out.put_slice(&buf[..n]);
+            out.extend_from_slice(&buf[..n]);
             pos = run_end;
             want_set = !want_set;
         }
-        (out.freeze(), BlockIndex(pos))
+        (out, pos)
     }
 
-    /// Decodes a run-length chunk starting at `start` and ORs its set runs
-    /// into the bitmap. Returns the block where the chunk ended.
-    pub fn apply_rle(&mut self, start: BlockIndex, rle: &[u8]) -> Result<BlockIndex, BitmapError> {
-        let runs = decode_rle(start, self.blocks, rle)?;
-        let mut end = start;
-        for (range, is_set) in runs {
-            if is_set {
-                self.set_blocks(range.clone());
-            }
-            end = range.end;
+    /// `n` (1..=64) bits starting at block `pos`, block `pos` in bit 0.
+    fn bits_at(&self, pos: u64, n: u64) -> u64 {
+        let w = (pos / WORD_BITS) as usize;
+        let off = pos % WORD_BITS;
+        let mut bits = self.words[w] >> off;
+        if off > 0 && w + 1 < self.words.len() {
+            bits |= self.words[w + 1] << (WORD_BITS - off);
         }
-        Ok(end)
+        if n < WORD_BITS {
+            bits &= (1u64 << n) - 1;
+        }
+        bits
+    }
+
+    /// ORs `bits` (already masked to the bitmap) in at block `pos`.
+    fn or_bits(&mut self, pos: u64, bits: u64) {
+        let w = (pos / WORD_BITS) as usize;
+        let off = pos % WORD_BITS;
+        let mut parts = [(w, bits << off), (w + 1, 0)];
+        if off > 0 {
+            parts[1].1 = bits >> (WORD_BITS - off);
+        }
+        for (idx, part) in parts {
+            if part == 0 {
+                continue;
+            }
+            let old = self.words[idx];
+            let new = old | part;
+            if new != old {
+                self.words[idx] = new;
+                self.count += (old ^ new).count_ones() as u64;
+                self.mark_word_dirty(idx);
+            }
+        }
+    }
+
+    /// Decodes a chunk made by [`Bitmap::encode_rle`] starting at `start`
+    /// and ORs its set blocks into the bitmap. Returns the block where the
+    /// chunk ended. A malformed chunk changes nothing.
+    pub fn apply_rle(
+        &mut self,
+        start: BlockIndex,
+        chunk: &[u8],
+    ) -> Result<BlockIndex, BitmapError> {
+        let bad = |at: usize, detail: String| BitmapError::BadRle { at, detail };
+        if start.0 > self.blocks {
+            return Err(bad(
+                0,
+                format!(
+                    "chunk starts at block {} past the end {}",
+                    start.0, self.blocks
+                ),
+            ));
+        }
+        match chunk.first() {
+            None => Err(bad(0, "empty chunk (no encoding tag)".to_string())),
+            Some(&CHUNK_TAG_RLE) => {
+                let runs = decode_rle(start, self.blocks, &chunk[1..]).map_err(|e| match e {
+                    BitmapError::BadRle { at, detail } => bad(at + 1, detail),
+                    other => other,
+                })?;
+                let mut end = start;
+                for (range, is_set) in runs {
+                    if is_set {
+                        self.set_blocks(range.clone());
+                    }
+                    end = range.end;
+                }
+                Ok(end)
+            }
+            Some(&CHUNK_TAG_RAW) => {
+                let raw = &chunk[1..];
+                let remaining = self.blocks - start.0;
+                let covered = (8 * raw.len() as u64).min(remaining);
+                if raw.is_empty() || raw.len() as u64 != covered.div_ceil(8) {
+                    return Err(bad(
+                        1,
+                        format!("{} raw bytes for {remaining} remaining blocks", raw.len()),
+                    ));
+                }
+                if covered % 8 != 0 && raw[raw.len() - 1] >> (covered % 8) != 0 {
+                    return Err(bad(raw.len(), "bits set past the end".to_string()));
+                }
+                let mut pos = start.0;
+                for group in raw.chunks(8) {
+                    let mut b = [0u8; 8];
+                    b[..group.len()].copy_from_slice(group);
+                    self.or_bits(pos, u64::from_le_bytes(b));
+                    pos += 64;
+                }
+                Ok(BlockIndex(start.0 + covered))
+            }
+            Some(&tag) => Err(bad(0, format!("unknown chunk encoding {tag}"))),
+        }
     }
 }
 
-/// Decodes a run-length chunk starting at `start` into `(blocks, is_set)` runs,
-/// checking that it stays within `total_blocks`.
-pub fn decode_rle(
+/// Decodes run-length varints starting at `start` into `(blocks, is_set)`
+/// runs, checking that they stay within `total_blocks`.
+fn decode_rle(
     start: BlockIndex,
     total_blocks: u64,
     rle: &[u8],
 ) -> Result<Vec<(Range<BlockIndex>, bool)>, BitmapError> {
     let mut runs = Vec::new();
     let mut pos = start.0;
-    if pos > total_blocks {
-        return Err(BitmapError::BadRle {
-            at: 0,
-            detail: format!("chunk starts at block {pos} past the end {total_blocks}"),
-        });
-    }
     let mut at = 0usize;
     let mut is_set = false;
     let mut first = true;
@@ -741,6 +853,37 @@ mod tests {
         }
 
         #[test]
+        fn random_bits_survive_chunking_at_any_offset(
+            bits in proptest::collection::vec(any::<bool>(), 0..2000),
+            budget in MIN_RLE_CHUNK_BYTES..80,
+            preset in proptest::collection::vec(0u64..2000, 0..20),
+        ) {
+            // Proves RLE and raw chunks (chosen per chunk) rebuild random
+            // bitmaps exactly, starting at unaligned blocks, and that applying
+            // ORs into bits the receiver already had.
+            let n = bits.len() as u64;
+            let mut bm = Bitmap::new(n * u64::from(BB), BB).expect("valid");
+            for (i, &b) in bits.iter().enumerate() {
+                if b { bm.set_blocks(BlockIndex(i as u64)..BlockIndex(i as u64 + 1)); }
+            }
+            let mut rx = Bitmap::new(bm.size_bytes(), BB).expect("valid");
+            let mut expected = bm.clone();
+            for p in preset.into_iter().filter(|&p| p < n) {
+                rx.set_blocks(BlockIndex(p)..BlockIndex(p + 1));
+                expected.set_blocks(BlockIndex(p)..BlockIndex(p + 1));
+            }
+            let mut pos = BlockIndex(0);
+            while pos.0 < n {
+                let (chunk, next) = bm.encode_rle(pos, budget);
+                prop_assert!(chunk.len() <= budget && next > pos);
+                prop_assert_eq!(rx.apply_rle(pos, &chunk), Ok(next));
+                pos = next;
+            }
+            prop_assert_eq!(rx.count(), expected.count());
+            prop_assert_eq!(rx.runs().collect::<Vec<_>>(), expected.runs().collect::<Vec<_>>());
+        }
+
+        #[test]
         fn arbitrary_rle_never_panics(start in 0u64..200, code in proptest::collection::vec(any::<u8>(), 0..64)) {
             // Proves a hostile run-length chunk is refused or applied within
             // bounds, never panics and never sets bits past the end.
@@ -865,32 +1008,67 @@ mod tests {
         let (code, next) = bm.encode_rle(BlockIndex(0), 1024);
         assert_eq!(next, BlockIndex(1 << 28));
         assert!(code.len() < 32, "{} bytes", code.len());
-        // Pinned encoding of the first runs: clear 7, set 2.
-        assert_eq!(&code[..2], &[7, 2]);
+        // Pinned encoding: RLE tag, then the first runs: clear 7, set 2.
+        assert_eq!(&code[..3], &[0, 7, 2]);
     }
 
     #[test]
-    fn malformed_rle_is_refused_with_position() {
-        // Proves zero-length runs, runs past the end and truncated varints are
-        // errors naming the byte position.
+    fn malformed_chunks_are_refused_with_position() {
+        // Proves zero-length runs, runs past the end, truncated varints,
+        // unknown tags, wrong raw lengths and raw bits past the end are errors
+        // naming the byte position, and that a refused chunk changes nothing.
         let mut bm = Bitmap::new(100 * u64::from(BB), BB).expect("valid");
-        assert!(matches!(
-            bm.apply_rle(BlockIndex(0), &[1, 0]),
-            Err(BitmapError::BadRle { at: 1, .. })
-        ));
-        assert!(matches!(
-            bm.apply_rle(BlockIndex(0), &[50, 51]),
-            Err(BitmapError::BadRle { at: 1, .. })
-        ));
-        assert!(matches!(
-            bm.apply_rle(BlockIndex(0), &[0x80]),
-            Err(BitmapError::BadRle { at: 0, .. })
-        ));
-        assert!(matches!(
-            bm.apply_rle(BlockIndex(101), &[]),
-            Err(BitmapError::BadRle { .. })
-        ));
-        assert_eq!(bm.apply_rle(BlockIndex(0), &[0, 100]), Ok(BlockIndex(100)));
+        let at = |r: Result<BlockIndex, BitmapError>| match r {
+            Err(BitmapError::BadRle { at, .. }) => at,
+            other => panic!("expected BadRle, got {other:?}"),
+        };
+        assert_eq!(at(bm.apply_rle(BlockIndex(0), &[0, 1, 0])), 2);
+        assert_eq!(at(bm.apply_rle(BlockIndex(0), &[0, 50, 51])), 2);
+        assert_eq!(at(bm.apply_rle(BlockIndex(0), &[0, 0x80])), 1);
+        assert_eq!(at(bm.apply_rle(BlockIndex(0), &[])), 0);
+        assert_eq!(at(bm.apply_rle(BlockIndex(0), &[7, 1])), 0);
+        assert_eq!(at(bm.apply_rle(BlockIndex(101), &[0])), 0);
+        // Raw: 100 blocks need 13 bytes; 14 is too many, bit 100 is past the end.
+        assert_eq!(
+            at(bm.apply_rle(BlockIndex(0), &[&[1u8][..], &[0; 14]].concat())),
+            1
+        );
+        let mut past_end = vec![1u8];
+        past_end.extend_from_slice(&[0; 13]);
+        past_end[13] = 0x10;
+        assert_eq!(at(bm.apply_rle(BlockIndex(0), &past_end)), 13);
+        assert_eq!(bm.count(), 0);
+        assert_eq!(
+            bm.apply_rle(BlockIndex(0), &[0, 0, 100]),
+            Ok(BlockIndex(100))
+        );
         assert_eq!(bm.count(), 100);
+    }
+
+    #[test]
+    fn dense_scattered_bitmap_uses_raw_chunks_of_one_bit_per_block() {
+        // Proves the encoder switches to raw bits when runs are short: every
+        // other block set costs about one bit per block, not a byte per run,
+        // and the chunks rebuild the bitmap exactly.
+        let blocks = 100_000u64;
+        let mut bm = Bitmap::new(blocks * u64::from(BB), BB).expect("valid");
+        for b in (0..blocks).step_by(2) {
+            bm.set_blocks(BlockIndex(b)..BlockIndex(b + 1));
+        }
+        let mut rx = Bitmap::new(bm.size_bytes(), BB).expect("valid");
+        let (mut pos, mut total_bytes) = (BlockIndex(0), 0usize);
+        while pos.0 < blocks {
+            let (chunk, next) = bm.encode_rle(pos, 1024);
+            assert_eq!(chunk[0], CHUNK_TAG_RAW);
+            total_bytes += chunk.len();
+            assert_eq!(rx.apply_rle(pos, &chunk), Ok(next));
+            pos = next;
+        }
+        assert!(
+            total_bytes as u64 <= blocks / 8 + blocks / 8 / 1000 + 2,
+            "{total_bytes}"
+        );
+        assert_eq!(rx.count(), blocks / 2);
+        assert_eq!(rx.runs().collect::<Vec<_>>(), bm.runs().collect::<Vec<_>>());
     }
 }
