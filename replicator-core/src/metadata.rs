@@ -758,6 +758,20 @@ mod tests {
     }
 
     #[test]
+    fn meta_flags_set_and_clear_single_bits() {
+        // Proves the flag helpers touch only the named bits.
+        let mut f = MetaFlags::default();
+        f.insert(MetaFlags::CONSISTENT);
+        f.set(MetaFlags::CRASHED_PRIMARY, true);
+        assert!(f.contains(MetaFlags::CONSISTENT) && f.contains(MetaFlags::CRASHED_PRIMARY));
+        f.set(MetaFlags::CONSISTENT, false);
+        assert_eq!(f, MetaFlags::CRASHED_PRIMARY);
+        f.remove(MetaFlags::CRASHED_PRIMARY);
+        assert_eq!(f, MetaFlags(0));
+        assert!(MetaFlags::KNOWN.contains(MetaFlags::FULL_SYNC));
+    }
+
+    #[test]
     fn newer_valid_slot_wins_and_a_torn_slot_falls_back_to_the_older() {
         // Proves slot selection: the higher sequence wins when both are valid,
         // and a torn write of the newer slot leaves the older one in charge.
@@ -860,9 +874,23 @@ mod tests {
         // 10 GiB at 4 KiB per bit: 320 KiB of bitmap, metadata < 0.01 %.
         assert_eq!(l.bitmap_bytes, 320 * 1024 + 4096);
         assert!(disk - l.data_size_bytes < l.metadata_bytes + METADATA_ALIGN_BYTES);
+        assert_eq!(l.al_block_offset(7), l.al_offset_bytes + 7 * 4096);
+        assert_eq!(l.al_block_offset(7) + 4096, l.bitmap_offset_bytes);
+        let last_page = l.bitmap_bytes / 4096 - 1;
+        assert_eq!(
+            l.bitmap_page_offset(last_page) + 4096,
+            l.bitmap_offset_bytes + l.bitmap_bytes
+        );
         assert!(matches!(
             MetadataLayout::internal(1 << 20, 4096, 1237),
             Err(MetadataError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            MetadataLayout::internal(u64::MAX, 4096, 1237),
+            Err(MetadataError::BadParameter {
+                param: "disk size",
+                ..
+            })
         ));
         assert!(matches!(
             MetadataLayout::internal(GIB, 1000, 1237),
