@@ -113,6 +113,7 @@ enum LockOwner {
     App(ClientId),
     Peer(u64),
     Resync(u64),
+    Verify(u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -561,6 +562,19 @@ impl Engine {
             self.set_disk(DiskState::UpToDate);
         }
         self.set_role(NodeRole::Primary);
+        let peer_behind = self.peer_disk.is_some_and(|d| d != DiskState::UpToDate);
+        if stale && self.replicating && peer_behind {
+            // Forced over a peer that is not UpToDate either (e.g. the
+            // initial sync): this node's data becomes the new generation and
+            // the peer is fully resynced from it.
+            self.rotate_uuid();
+            self.bitmap.set_all();
+            self.write_dirty_bitmap_pages();
+            self.write_superblock();
+            self.report_oos();
+            self.renegotiate("primary --force");
+            return Ok(());
+        }
         if !self.replicating {
             self.need_new_uuid = true;
         }

@@ -477,6 +477,8 @@ impl Engine {
         if !source_busy {
             self.source = None;
         }
+        self.data_queue
+            .retain(|i| !matches!(i, DataItem::VerifyRead(_)));
         self.verify = None;
     }
 
@@ -554,7 +556,7 @@ impl Engine {
     }
 
     /// Drop a connected link so the handshake runs again with the new state.
-    fn renegotiate(&mut self, why: &str) {
+    pub(super) fn renegotiate(&mut self, why: &str) {
         if self.conn == ConnState::Connected {
             self.send(Message::Disconnect {
                 reason: format!("{why}: renegotiating"),
@@ -611,7 +613,7 @@ impl Engine {
             let key = v.next_key;
             v.next_key += 1;
             v.reads.insert(key, (id, offset, len, false));
-            reqs.push((id, key, offset, len));
+            reqs.push(key);
         }
         let finished = v.pending.is_empty() && v.cursor >= size;
         if finished {
@@ -625,20 +627,32 @@ impl Engine {
             }));
             return;
         }
-        for (id, key, offset, len) in reqs {
+        for key in reqs {
+            self.data_queue.push_back(DataItem::VerifyRead(key));
+        }
+        self.pump_data_queue();
+    }
+
+    /// A verify read got its range: the driver tells the peer to read the
+    /// same range now (the request travels in order with mirrored writes,
+    /// so both reads see the same writes).
+    pub(super) fn start_verify_read(&mut self, key: u64) {
+        let v = self.verify.as_ref().expect("verify running");
+        let (id, offset, len, reply) = v.reads[&key];
+        if !reply {
             self.send(Message::VerifyRequest {
                 id,
                 offset,
                 len_bytes: len as u32,
             });
-            self.new_op(
-                OpPurpose::VerifyRead(key),
-                DiskOp::Read {
-                    offset,
-                    len_bytes: len as u32,
-                },
-            );
         }
+        self.new_op(
+            OpPurpose::VerifyRead(key),
+            DiskOp::Read {
+                offset,
+                len_bytes: len as u32,
+            },
+        );
     }
 
     pub(super) fn on_verify_request(&mut self, id: RequestId, offset: u64, len: u32) {
@@ -669,16 +683,12 @@ impl Engine {
         let key = v.next_key;
         v.next_key += 1;
         v.reads.insert(key, (id, offset, len64, true));
-        self.new_op(
-            OpPurpose::VerifyRead(key),
-            DiskOp::Read {
-                offset,
-                len_bytes: len,
-            },
-        );
+        self.data_queue.push_back(DataItem::VerifyRead(key));
+        self.pump();
     }
 
     pub(super) fn verify_read_done(&mut self, key: u64, result: Result<Bytes, DiskError>) {
+        self.unlock(LockOwner::Verify(key));
         let Some(v) = self.verify.as_mut() else {
             return;
         };

@@ -61,6 +61,7 @@ pub(super) enum DataItem {
     Peer(u64),
     ResyncRead(u64),
     ResyncWrite(u64),
+    VerifyRead(u64),
 }
 
 /// Primary-side replication state.
@@ -183,6 +184,10 @@ impl Engine {
                 (w.offset, w.offset + w.len)
             }
             DataItem::ResyncRead(k) | DataItem::ResyncWrite(k) => self.resync_item_range(k),
+            DataItem::VerifyRead(k) => {
+                let (_, o, l, _) = self.verify.as_ref().expect("verify running").reads[&k];
+                (o, o + l)
+            }
         }
     }
 
@@ -222,6 +227,12 @@ impl Engine {
                 let (s, e) = self.item_range(item);
                 self.locks.push((s, e, LockOwner::Resync(k)));
                 self.start_resync_item(item);
+                true
+            }
+            DataItem::VerifyRead(k) => {
+                let (s, e) = self.item_range(item);
+                self.locks.push((s, e, LockOwner::Verify(k)));
+                self.start_verify_read(k);
                 true
             }
         }

@@ -413,6 +413,13 @@ impl World {
             }
             Output::Complete { id, result } => self.client_done(node, id, result)?,
             Output::Event(ev) => {
+                if let crate::engine::Event::VerifyDone { mismatched_bytes } = ev {
+                    if mismatched_bytes > 0 {
+                        return Err(self.fail(format!(
+                            "{name}: online verify found {mismatched_bytes} bytes differing between Established replicas"
+                        )));
+                    }
+                }
                 if let crate::engine::Event::SplitBrain { .. } = ev {
                     self.report.split_brains_seen += 1;
                     if !self.split_brain_expected {
