@@ -143,8 +143,8 @@ impl Response {
 }
 
 /// The flat JSON shape of [`Response`]; only used for (de)serialisation.
+/// Unknown fields are ignored so an older `replctl` can read a newer daemon.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ResponseWire {
     ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -304,14 +304,15 @@ impl ReplicationState {
     }
 }
 
-/// Replication protocol of the resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Replication protocol of the resource (C by default, as in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum ReplicationProtocol {
     /// Complete when queued for sending.
     A,
     /// Complete when the peer received it.
     B,
     /// Complete when both disks completed it.
+    #[default]
     C,
 }
 
@@ -340,7 +341,8 @@ impl Progress {
 }
 
 /// What `replctl status --json` prints. The first eleven fields are stable
-/// (DESIGN.md §2); scripts may rely on them. The rest are for operators.
+/// (DESIGN.md §2); scripts may rely on them. The rest are for operators and
+/// default when absent, so a newer `replctl` can read an older daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
     /// Resource name (`vm1`).
@@ -366,23 +368,32 @@ pub struct StatusReport {
     /// The running resync, if any.
     pub resync: Option<Progress>,
     /// The peer's node name (`bravo`).
+    #[serde(default)]
     pub peer_node: String,
     /// Replication protocol.
+    #[serde(default)]
     pub protocol: ReplicationProtocol,
     /// The running online verify, if any.
+    #[serde(default)]
     pub verify: Option<Progress>,
     /// Whether a split brain was detected (the link stays down until resolved).
+    #[serde(default)]
     pub split_brain: bool,
     /// Why the peer was last refused at handshake (wrong secret, another
     /// resource, a different disk size, split brain), as one sentence.
+    #[serde(default)]
     pub last_refusal: Option<String>,
     /// Why the link last dropped (timeout, reset, corrupt frame), one sentence.
+    #[serde(default)]
     pub connection_error: Option<String>,
     /// The NBD export address while it is served (primary only).
+    #[serde(default)]
     pub nbd: Option<String>,
     /// Number of NBD clients connected.
+    #[serde(default)]
     pub nbd_clients: u32,
     /// Bytes sent or received by resyncs since the daemon started.
+    #[serde(default)]
     pub resync_transferred_bytes: u64,
 }
 
@@ -735,6 +746,25 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<Response>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn status_with_only_the_stable_fields_parses_and_unknown_fields_are_ignored() {
+        // Proves version tolerance: the DESIGN.md example (stable fields
+        // only) parses with defaults for the rest, and a response carrying a
+        // field this build does not know still parses.
+        let text = r#"{"ok":true,"future":1,"status":{"resource":"vm1","node":"alpha",
+            "role":"Primary","disk":"UpToDate","connection":"Connected",
+            "replication":"Established","peer_role":"Secondary","peer_disk":"UpToDate",
+            "size_bytes":1073741824,"out_of_sync_bytes":0,"resync":null,"later":true}}"#;
+        let Response::Status(status) = serde_json::from_str(text).unwrap() else {
+            panic!("not a status");
+        };
+        assert_eq!(status.size_bytes, 1 << 30);
+        assert_eq!(status.protocol, ReplicationProtocol::C);
+        assert_eq!(status.peer_node, "");
+        assert!(!status.split_brain);
+        assert!(serde_json::from_str::<StatusReport>(r#"{"resource":"vm1"}"#).is_err());
     }
 
     #[test]
