@@ -431,3 +431,90 @@ async fn shutdown_finishes_in_flight_requests_refuses_queued_ones_and_returns() 
         "no longer accepting"
     );
 }
+
+#[tokio::test]
+async fn tcp_listener_serves_export_name_clients_with_zero_padding() {
+    // Proves the TCP listener path: an old-style EXPORT_NAME client without NO_ZEROES gets the
+    // 134-byte reply, then simple-reply transmission works; serve() with no listener is an error.
+    use nbd_frontend::handshake::{ClientFlags, ClientOption, ExportNameReply};
+    use nbd_frontend::transmission::{encode_request, RequestHeader, SimpleReply};
+    use nbd_frontend::{serve, ExportConfig, Listener};
+    use tokio::io::AsyncReadExt;
+
+    let export = ExportConfig {
+        name: "vm1".into(),
+        description: String::new(),
+    };
+    let target = Arc::new(MemTarget::new(SIZE));
+    assert!(serve(Vec::new(), export.clone(), target.clone(), async {})
+        .await
+        .is_err());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        vec![Listener::Tcp(listener)],
+        export,
+        target.clone(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut s = within("tcp connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let mut greeting = [0u8; GREETING_BYTES];
+    within("greeting", s.read_exact(&mut greeting))
+        .await
+        .unwrap();
+    let mut out = BytesMut::new();
+    ClientFlags(FLAG_C_FIXED_NEWSTYLE).encode(&mut out);
+    ClientOption {
+        option: OPT_EXPORT_NAME,
+        data: bytes::Bytes::new(),
+    }
+    .encode(&mut out);
+    encode_request(
+        &RequestHeader {
+            flags: 0,
+            command: CMD_WRITE,
+            cookie: 3,
+            offset: 10,
+            length: 3,
+        },
+        b"tcp",
+        &mut out,
+    );
+    s.write_all(&out).await.unwrap();
+    let mut reply = vec![0u8; 134 + 16];
+    within("replies", s.read_exact(&mut reply)).await.unwrap();
+    let mut buf = BytesMut::from(&reply[..]);
+    let r = ExportNameReply::decode(false, &mut buf).unwrap().unwrap();
+    assert_eq!(r.size_bytes, SIZE);
+    let w = SimpleReply::decode(&mut buf).unwrap().unwrap();
+    assert_eq!((w.cookie, w.error), (3, 0));
+    // The read goes out only after the write was answered (replies may be reordered).
+    out.clear();
+    encode_request(
+        &RequestHeader {
+            flags: 0,
+            command: CMD_READ,
+            cookie: 4,
+            offset: 10,
+            length: 3,
+        },
+        &[],
+        &mut out,
+    );
+    s.write_all(&out).await.unwrap();
+    let mut reply = vec![0u8; 16 + 3];
+    within("read reply", s.read_exact(&mut reply))
+        .await
+        .unwrap();
+    let mut buf = BytesMut::from(&reply[..]);
+    let rd = SimpleReply::decode(&mut buf).unwrap().unwrap();
+    assert_eq!((rd.cookie, rd.error), (4, 0));
+    assert_eq!(&buf[..], b"tcp");
+    stop_tx.send(()).unwrap();
+    within("serve returns", server).await.unwrap().unwrap();
+}
