@@ -315,7 +315,13 @@ pub async fn run_with(
                 );
             }
             // Reap finished connection tasks so the set does not grow.
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(finished) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = finished {
+                    if e.is_panic() {
+                        tracing::error!("a control connection's handler panicked; that connection was closed");
+                    }
+                }
+            }
         }
     }
     let _ = stop_tx.send(true);

@@ -482,3 +482,58 @@ async fn serve_binds_serves_and_cleans_up_on_shutdown() {
     assert!(result.is_ok(), "{result:?}");
     assert!(!path.exists());
 }
+
+/// Panics on `connect`, answers everything else like [`FakeHandler`].
+struct PanickingHandler(std::sync::Arc<FakeHandler>);
+
+impl super::server::ControlHandler for PanickingHandler {
+    fn handle(
+        &self,
+        request: Request,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send + '_>> {
+        assert!(request != Request::Connect, "scripted handler bug");
+        self.0.handle(request)
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_closes_only_its_own_connection() {
+    // Proves a handler bug on one connection ends that connection (the
+    // client sees it closed without an answer) while the server and other
+    // connections keep working.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ctl.sock");
+    let listener = bind(&path).unwrap();
+    let (events, _) = tokio::sync::broadcast::channel(4);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handler = std::sync::Arc::new(PanickingHandler(FakeHandler::scripted(vec![
+        sample_status(),
+    ])));
+    let server = tokio::spawn(super::server::run(listener, handler, events, async {
+        let _ = stopped.await;
+    }));
+    let mut bystander = ControlClient::connect(&path).await.unwrap();
+    let mut victim = ControlClient::connect(&path).await.unwrap();
+    let err = victim.request(&Request::Connect).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            super::client::ClientError::Closed { .. } | super::client::ClientError::Io { .. }
+        ),
+        "{err:?}"
+    );
+    assert!(matches!(
+        bystander.request(&Request::Status).await.unwrap(),
+        Response::Status(_)
+    ));
+    let mut fresh = ControlClient::connect(&path).await.unwrap();
+    assert_eq!(
+        fresh.request(&Request::Disconnect).await.unwrap(),
+        Response::ok_with("disconnect done")
+    );
+    stop.send(()).unwrap();
+    tokio::time::timeout(deadline(), server)
+        .await
+        .unwrap()
+        .unwrap();
+}
