@@ -518,3 +518,15 @@ async fn tcp_listener_serves_export_name_clients_with_zero_padding() {
     stop_tx.send(()).unwrap();
     within("serve returns", server).await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn shutdown_during_negotiation_closes_the_session_and_returns() {
+    // Proves a client still negotiating does not keep the server alive past shutdown.
+    let mut srv = TestServer::start(Arc::new(MemTarget::new(SIZE))).await;
+    let mut c = Client::negotiating(&srv.path).await;
+    let r = c.option(OPT_LIST, bytes::Bytes::new()).await;
+    assert_eq!(r.last().unwrap().reply_type, REP_ACK);
+    let server = srv.begin_shutdown();
+    assert!(c.closed().await);
+    within("serve returns", server).await.unwrap().unwrap();
+}
