@@ -8,11 +8,16 @@
 //!   io_uring and sync engines (the only `unsafe` code is in `disk::uring`).
 //! - [`target`]: the NBD target over a local disk (unreplicated serving).
 //! - [`replicatord`]: the `replicatord` program (the binary is a thin main).
+//! - [`node`]: the replicated node runtime: metadata attach, the event loop
+//!   driving the replication engine, the replicated NBD target, control.
+//! - [`transport`]: the peer link over TCP (dial/accept, tie-break, lanes).
 #![deny(unsafe_code)]
 
 pub mod config;
 pub mod control;
 pub mod disk;
+pub mod node;
 pub mod replctl;
 pub mod replicatord;
 pub mod target;
+pub mod transport;

@@ -54,13 +54,8 @@ pub enum LogFormat {
 pub enum NodeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{}: resource {resource:?} has a peer node {peer:?}, but replication is not in this build yet; remove the peer's section to serve node {node:?} unreplicated", file.display())]
-    ReplicationNotBuilt {
-        file: PathBuf,
-        resource: String,
-        node: String,
-        peer: String,
-    },
+    #[error(transparent)]
+    Replicated(#[from] crate::node::RunError),
     #[error("cannot listen for NBD on {addr}: {source}")]
     Listen {
         addr: String,
@@ -157,25 +152,12 @@ pub async fn run_node(
 ) -> Result<(), NodeError> {
     let config = config::load(config_path)?;
     let node_config = config.node(node)?.clone();
-    if let Some(peer) = config.peer_of(node) {
-        return run_replicated(&config, &node_config, peer).await;
+    if config.peer_of(node).is_some() {
+        return crate::node::run_replicated(&config, node, shutdown)
+            .await
+            .map_err(NodeError::Replicated);
     }
     serve_unreplicated(&config, &node_config, shutdown).await
-}
-
-/// The replicated path (a resource with a peer). Not in this build: it is
-/// refused with one sentence, before any socket or disk is opened.
-async fn run_replicated(
-    config: &Config,
-    node: &NodeConfig,
-    peer: &NodeConfig,
-) -> Result<(), NodeError> {
-    Err(NodeError::ReplicationNotBuilt {
-        file: config.path.clone(),
-        resource: config.resource.clone(),
-        node: node.name.clone(),
-        peer: peer.name.clone(),
-    })
 }
 
 /// Serves the node's whole backing disk over NBD, like qemu-nbd.

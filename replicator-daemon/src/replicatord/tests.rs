@@ -155,9 +155,10 @@ async fn unknown_node_is_refused_listing_the_nodes() {
 }
 
 #[tokio::test]
-async fn two_node_config_is_refused_as_not_yet_built() {
-    // Proves a resource with a peer is refused with one clear sentence and
-    // without listening or opening the disk.
+async fn two_node_config_with_a_missing_disk_is_refused_before_serving() {
+    // Proves a resource with a peer takes the replicated path, and that a
+    // disk that cannot be attached stops it with one sentence before any
+    // NBD socket exists.
     let s = Setup::new();
     let path = s.dir.path().join("two.toml");
     let text = format!(
@@ -171,10 +172,10 @@ async fn two_node_config_is_refused_as_not_yet_built() {
     let e = run_node(&path, "alpha", std::future::pending())
         .await
         .unwrap_err();
-    assert!(matches!(e, NodeError::ReplicationNotBuilt { .. }), "{e}");
+    assert!(matches!(e, NodeError::Replicated(_)), "{e}");
     let msg = e.to_string();
     assert!(
-        msg.contains("replication is not in this build yet") && !msg.contains('\n'),
+        msg.contains("cannot open disk") && !msg.contains('\n'),
         "{msg}"
     );
     assert!(!s.sock().exists() && !s.disk().exists());

@@ -1,0 +1,215 @@
+//! Transport tests on loopback: tie-break, reconnect, bad frames, timeouts.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use super::*;
+
+/// How long a test waits for an expected event.
+const EVENT_DEADLINE_MS: u64 = 10_000;
+
+struct Node {
+    events: mpsc::Receiver<LinkEvent>,
+    _want: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn start(me: &str, peer: &str, peer_addr: String, listener: TcpListener, timeout_ms: u64) -> Node {
+    let (tx, rx) = mpsc::channel(64);
+    let (want_tx, want_rx) = watch::channel(true);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let cfg = TransportConfig {
+        node: me.to_string(),
+        peer: peer.to_string(),
+        peer_addr,
+        peer_timeout_ms: timeout_ms,
+    };
+    tokio::spawn(run(cfg, listener, want_rx, tx, stop_rx));
+    Node {
+        events: rx,
+        _want: want_tx,
+        stop: stop_tx,
+    }
+}
+
+async fn next_event(n: &mut Node) -> LinkEvent {
+    tokio::time::timeout(Duration::from_millis(EVENT_DEADLINE_MS), n.events.recv())
+        .await
+        .expect("an event within the deadline")
+        .expect("transport alive")
+}
+
+/// The next event that is not a frame (pings etc. are skipped).
+async fn next_up(n: &mut Node) -> Link {
+    loop {
+        match next_event(n).await {
+            LinkEvent::Up(l) => return l,
+            LinkEvent::Frame { .. } => {}
+            other => panic!("expected Up, got {other:?}"),
+        }
+    }
+}
+
+async fn listener() -> (TcpListener, String) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap().to_string();
+    (l, a)
+}
+
+#[test]
+fn backoff_doubles_from_min_to_max_and_resets() {
+    // Proves the dial schedule: 100 ms doubling, capped, back to 100 ms
+    // after a success.
+    let mut b = Backoff::new(1_000);
+    let d: Vec<u64> = (0..6).map(|_| b.next_delay_ms()).collect();
+    assert_eq!(d, [100, 200, 400, 800, 1_000, 1_000]);
+    b.reset();
+    assert_eq!(b.next_delay_ms(), DIAL_BACKOFF_MIN_MS);
+}
+
+#[tokio::test]
+async fn both_nodes_dialing_at_once_keep_exactly_one_link() {
+    // Proves the tie-break: when both nodes dial each other at the same
+    // time, each side ends up with exactly one link, and it is the same TCP
+    // connection (a frame sent on one arrives on the other's link).
+    for _round in 0..8 {
+        let (la, aa) = listener().await;
+        let (lb, ab) = listener().await;
+        let mut a = start("alpha", "bravo", ab, la, 5_000);
+        let mut b = start("bravo", "alpha", aa, lb, 5_000);
+        let link_a = next_up(&mut a).await;
+        let link_b = next_up(&mut b).await;
+        link_a.send(Message::Ping).unwrap();
+        match next_event(&mut b).await {
+            LinkEvent::Frame { link, msg } => {
+                assert_eq!(link, link_b.id);
+                assert_eq!(msg, Message::Ping);
+            }
+            other => panic!("expected the ping on bravo's link, got {other:?}"),
+        }
+        // No second link and no drop shortly after.
+        for n in [&mut a, &mut b] {
+            let r = tokio::time::timeout(Duration::from_millis(300), n.events.recv()).await;
+            assert!(r.is_err(), "unexpected event after the tie-break: {r:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn lost_link_is_redialled_until_the_peer_returns() {
+    // Proves reconnection: alpha keeps dialling (with backoff) a peer that
+    // is not there yet, links when it comes up, and links again after the
+    // peer drops the connection.
+    let (la, aa) = listener().await;
+    let (lb, ab) = listener().await;
+    drop(lb); // nothing listens on bravo's address for now
+    let mut a = start("alpha", "bravo", ab.clone(), la, 5_000);
+    // Let alpha fail at least one dial before bravo exists.
+    let r = tokio::time::timeout(Duration::from_millis(250), a.events.recv()).await;
+    assert!(r.is_err(), "no link without a peer: {r:?}");
+    let lb = TcpListener::bind(&ab).await.unwrap();
+    let mut b = start("bravo", "alpha", aa, lb, 5_000);
+    let first_a = next_up(&mut a).await;
+    let first_b = next_up(&mut b).await;
+    first_b.close("test drops the link");
+    loop {
+        match next_event(&mut a).await {
+            LinkEvent::Down { link, .. } => {
+                assert_eq!(link, first_a.id);
+                break;
+            }
+            LinkEvent::Frame { .. } => {}
+            other => panic!("expected Down, got {other:?}"),
+        }
+    }
+    let second_a = loop {
+        match next_event(&mut a).await {
+            LinkEvent::Up(l) => break l,
+            LinkEvent::Frame { .. } | LinkEvent::Down { .. } => {}
+            other => panic!("expected a new link, got {other:?}"),
+        }
+    };
+    assert_ne!(second_a.id, first_a.id);
+}
+
+async fn raw_peer(addr: &str, name: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut pre = PREAMBLE_MAGIC.to_vec();
+    pre.push(name.len() as u8);
+    pre.extend_from_slice(name.as_bytes());
+    s.write_all(&pre).await.unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.unwrap();
+    assert_eq!(answer[0], PREAMBLE_ACCEPT);
+    s
+}
+
+#[tokio::test]
+async fn undecodable_frame_reports_frame_error_then_drops_the_link() {
+    // Proves a corrupt byte stream is never turned into a frame: the loop
+    // gets FrameError (so the engine drops and resyncs), then Down.
+    let (la, aa) = listener().await;
+    // bravo sorts last, so it takes the incoming link even mid-dial.
+    let mut a = start("bravo", "alpha", "127.0.0.1:1".into(), la, 5_000);
+    let mut s = raw_peer(&aa, "alpha").await;
+    let link = next_up(&mut a).await;
+    s.write_all(&[0xEE; 64]).await.unwrap();
+    match next_event(&mut a).await {
+        LinkEvent::FrameError { link: id, error } => {
+            assert_eq!(id, link.id);
+            assert!(matches!(error, WireError::BadMagic { .. }), "{error:?}");
+        }
+        other => panic!("expected FrameError, got {other:?}"),
+    }
+    match next_event(&mut a).await {
+        LinkEvent::Down { link: id, reason } => {
+            assert_eq!(id, link.id);
+            assert!(reason.contains("undecodable"), "{reason}");
+        }
+        other => panic!("expected Down, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn silent_peer_is_declared_lost_after_the_timeout() {
+    // Proves a stalled link is detected by the configured timeout, not left
+    // hanging: nothing arrives for timeout_ms, so the link goes Down.
+    let (la, aa) = listener().await;
+    let mut a = start("bravo", "alpha", "127.0.0.1:1".into(), la, 300);
+    let _s = raw_peer(&aa, "alpha").await;
+    let link = next_up(&mut a).await;
+    match next_event(&mut a).await {
+        LinkEvent::Down { link: id, reason } => {
+            assert_eq!(id, link.id);
+            assert!(reason.contains("silent for 300 ms"), "{reason}");
+        }
+        other => panic!("expected Down, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn link_from_an_unknown_node_is_refused() {
+    // Proves only the configured peer may link: another name gets the
+    // reject byte and no link reaches the loop.
+    let (la, aa) = listener().await;
+    let mut a = start("alpha", "bravo", "127.0.0.1:1".into(), la, 5_000);
+    let mut s = TcpStream::connect(&aa).await.unwrap();
+    let mut pre = PREAMBLE_MAGIC.to_vec();
+    pre.push(7);
+    pre.extend_from_slice(b"mallory");
+    s.write_all(&pre).await.unwrap();
+    let mut answer = [9u8; 1];
+    s.read_exact(&mut answer).await.unwrap();
+    assert_eq!(answer[0], PREAMBLE_REJECT);
+    let r = tokio::time::timeout(Duration::from_millis(200), a.events.recv()).await;
+    assert!(r.is_err(), "no link for an unknown node: {r:?}");
+}
