@@ -234,3 +234,19 @@ sys.exit("write on a read-only export succeeded")
         "qemu-io opened a read-only export for writing: {stderr}"
     );
 }
+
+#[test]
+fn socket_activated_server_serves_the_export() {
+    // Proves systemd socket activation: the server serves on the socket passed as fd 3 (LISTEN_FDS), not on its configured address.
+    let export = Export::start(ExportSpec {
+        listen: Listen::Activated,
+        ..ExportSpec::default()
+    });
+    let size = stdout_of(nbdinfo().arg("--size").arg(export.uri()));
+    assert_eq!(size.trim(), export.spec.size_bytes.to_string());
+    let text = stdout_of(nbdinfo().arg("--list").arg(export.server_uri()));
+    assert!(
+        text.contains(&format!("export=\"{EXPORT_NAME}\"")),
+        "{text}"
+    );
+}

@@ -13,7 +13,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -64,7 +64,23 @@ pub enum Listen {
     Tcp,
     /// A Unix socket in the temp dir.
     Unix,
+    /// systemd socket activation: a Unix socket bound by a wrapper and
+    /// passed to the server as fd 3 (`LISTEN_FDS=1`, `LISTEN_PID`).
+    Activated,
 }
+
+/// Binds argv[1] as a Unix socket, puts it on fd 3, sets LISTEN_FDS and
+/// LISTEN_PID to its own pid, and execs argv[2..] (which keeps the pid).
+const ACTIVATE_PY: &str = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+s.listen(16)
+os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
+env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="nbd")
+os.execvpe(sys.argv[2], sys.argv[2:], env)
+"#;
 
 /// What export to start.
 #[derive(Debug, Clone)]
@@ -114,6 +130,14 @@ impl Export {
     /// Creates the temp dir, the sparse backing file and the config, starts
     /// the server and waits until it sends the NBD greeting.
     pub fn start(spec: ExportSpec) -> Export {
+        let mut export = Export::prepare(spec);
+        export.spawn_and_wait();
+        export
+    }
+
+    /// Like [`Export::start`] without starting the server (for socket
+    /// activation, where the client starts it).
+    pub fn prepare(spec: ExportSpec) -> Export {
         let kind = ServerKind::from_env();
         if kind == ServerKind::QemuNbd {
             require_tool("qemu-nbd", "qemu-utils");
@@ -128,7 +152,7 @@ impl Export {
             .expect("create sparse backing file");
         let addr = match spec.listen {
             Listen::Tcp => Addr::Tcp(free_port()),
-            Listen::Unix => Addr::Unix(dir.path().join("nbd.sock")),
+            Listen::Unix | Listen::Activated => Addr::Unix(dir.path().join("nbd.sock")),
         };
         let mut export = Export {
             kind,
@@ -139,7 +163,6 @@ impl Export {
             starts: 0,
         };
         export.write_config();
-        export.spawn_and_wait();
         export
     }
 
@@ -196,9 +219,12 @@ impl Export {
     }
 
     fn write_config(&self) {
-        let nbd = match &self.addr {
-            Addr::Tcp(port) => format!("127.0.0.1:{port}"),
-            Addr::Unix(path) => format!("unix:{}", path.display()),
+        let nbd = match (&self.addr, self.spec.listen) {
+            // Under socket activation the configured address must not be
+            // used: a port nobody connects to makes that visible.
+            (_, Listen::Activated) => format!("127.0.0.1:{}", free_port()),
+            (Addr::Tcp(port), _) => format!("127.0.0.1:{port}"),
+            (Addr::Unix(path), _) => format!("unix:{}", path.display()),
         };
         let d = self.dir.path().display();
         let config = format!(
@@ -223,6 +249,27 @@ meta = "{d}/alpha.meta"
     }
 
     fn command(&self) -> Command {
+        let server = self.server_command();
+        if self.spec.listen != Listen::Activated {
+            return server;
+        }
+        let Addr::Unix(path) = &self.addr else {
+            unreachable!("activation always uses a Unix socket")
+        };
+        let mut cmd = Command::new(PYTHON);
+        cmd.args(["-c", ACTIVATE_PY])
+            .arg(path)
+            .arg(server.get_program())
+            .args(server.get_args());
+        for (k, v) in server.get_envs() {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+        }
+        cmd
+    }
+
+    fn server_command(&self) -> Command {
         match self.kind {
             ServerKind::Replicatord => {
                 let mut cmd = Command::new(env!("CARGO_BIN_EXE_replicatord"));
@@ -238,11 +285,12 @@ meta = "{d}/alpha.meta"
             ServerKind::QemuNbd => {
                 let mut cmd = Command::new("qemu-nbd");
                 cmd.args(["-f", "raw", "-x", EXPORT_NAME, "--persistent", "--shared=0"]);
-                match &self.addr {
-                    Addr::Tcp(port) => {
+                match (&self.addr, self.spec.listen) {
+                    (_, Listen::Activated) => {}
+                    (Addr::Tcp(port), _) => {
                         cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]);
                     }
-                    Addr::Unix(path) => {
+                    (Addr::Unix(path), _) => {
                         cmd.arg("-k").arg(path);
                     }
                 }
@@ -438,42 +486,38 @@ pub fn run_ok_within(cmd: &mut Command, limit: Duration) -> Output {
 /// Runs `cmd` with a time limit and returns its output whatever the status;
 /// panics if it runs past the limit (after killing it).
 pub fn run_within(cmd: &mut Command, limit: Duration) -> Output {
+    // Output goes to temp files, not pipes: a grandchild that inherits them
+    // (a socket-activated server, say) must not block the reader.
+    let out_file = tempfile::tempfile().expect("stdout temp file");
+    let err_file = tempfile::tempfile().expect("stderr temp file");
     let mut child = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(out_file.try_clone().expect("clone stdout file"))
+        .stderr(err_file.try_clone().expect("clone stderr file"))
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let mut stdout = child.stdout.take().expect("stdout pipe");
-    let mut stderr = child.stderr.take().expect("stderr pipe");
-    let out_reader = std::thread::spawn(move || {
+    let status = wait_with_deadline(&mut child, limit);
+    let read_back = |mut f: File| {
         let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
+        f.seek(SeekFrom::Start(0)).expect("rewind output file");
+        f.read_to_end(&mut buf).expect("read output file");
         buf
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let status = match wait_with_deadline(&mut child, limit) {
-        Some(status) => status,
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            let so = out_reader.join().unwrap_or_default();
-            let se = err_reader.join().unwrap_or_default();
-            panic!(
-                "{cmd:?} did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&so),
-                String::from_utf8_lossy(&se)
-            );
-        }
+    };
+    let stdout = read_back(out_file);
+    let stderr = read_back(err_file);
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "{cmd:?} did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
     };
     Output {
         status,
-        stdout: out_reader.join().expect("stdout reader"),
-        stderr: err_reader.join().expect("stderr reader"),
+        stdout,
+        stderr,
     }
 }
 
