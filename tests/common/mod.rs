@@ -154,7 +154,7 @@ impl Export {
             Listen::Tcp => Addr::Tcp(free_port()),
             Listen::Unix | Listen::Activated => Addr::Unix(dir.path().join("nbd.sock")),
         };
-        let mut export = Export {
+        let export = Export {
             kind,
             spec,
             dir,
