@@ -28,14 +28,17 @@ use crate::handshake::{ClientFlags, ClientOption, HandshakeError};
 use crate::negotiate::{ExportInfo, Negotiation, SessionParams, Step};
 use crate::proto::{ESHUTDOWN, MAX_PAYLOAD_BYTES};
 use crate::target::BlockTarget;
-use crate::transmission::{Incoming, RequestDecoder, RequestHeader, TransmissionError};
+use crate::transmission::{Incoming, RequestDecoder, TransmissionError};
 
 /// Requests of one connection being executed or waiting to send their reply.
 pub const MAX_IN_FLIGHT_REQUESTS_PER_CONN: usize = 64;
 /// READ/WRITE payload bytes of one connection in flight, in KiB (128 MiB).
 pub const MAX_IN_FLIGHT_PAYLOAD_KIB_PER_CONN: u32 = 128 * 1024;
-/// How much the reader asks the socket for at a time.
+/// How much the reader asks the socket for at a time in transmission.
 pub const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// How much is asked for at a time during the handshake (options are small;
+/// one is at most [`crate::proto::MAX_OPTION_BYTES`]).
+pub const HANDSHAKE_READ_CHUNK_BYTES: usize = 4096;
 /// Replies whose READ data is at most this long are copied into one buffer
 /// and sent with one write.
 pub const COALESCE_REPLY_BYTES: usize = 16 * 1024;
@@ -277,7 +280,7 @@ where
         if let Some(x) = decode(buf)? {
             return Ok(Some(x));
         }
-        buf.reserve(READ_CHUNK_BYTES.min(64 * 1024));
+        buf.reserve(HANDSHAKE_READ_CHUNK_BYTES);
         let n = tokio::select! {
             biased;
             _ = signalled(shutdown) => return Ok(None),
@@ -304,15 +307,13 @@ async fn send<S: AsyncWrite>(writer: &SharedWriter<S>, mut out: Outgoing) -> io:
     Ok(())
 }
 
-/// Payload cost of a request in the byte budget, in KiB (rounded up).
-fn cost_kib(h: &RequestHeader, cmd: &Result<Command, command::Rejection>) -> u32 {
+/// Payload cost of a request in the byte budget, in KiB (rounded up):
+/// the READ reply it will hold or the WRITE payload it already holds.
+fn cost_kib(cmd: &Result<Command, command::Rejection>) -> u32 {
     match cmd {
         Ok(Command::Read { len_bytes, .. }) => len_bytes.div_ceil(1024),
         Ok(Command::Write { data, .. }) => (data.len() as u32).div_ceil(1024),
-        _ => {
-            let _ = h;
-            0
-        }
+        _ => 0,
     }
 }
 
@@ -407,7 +408,7 @@ where
             }
             continue;
         }
-        let cost = cost_kib(&header, &validated);
+        let cost = cost_kib(&validated);
         let permits = tokio::select! {
             biased;
             _ = signalled(&mut broken_rx) => {
