@@ -15,7 +15,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -71,12 +71,34 @@ pub trait ControlHandler: Send + Sync {
     fn handle(&self, request: Request) -> Pin<Box<dyn Future<Output = Response> + Send + '_>>;
 }
 
+/// Least time between two events that only move progress counters
+/// (out-of-sync bytes, resync/verify progress), in milliseconds. State
+/// changes are published at once; a resync does not flood subscribers.
+pub const PROGRESS_EVENT_INTERVAL_MS: u64 = 1000;
+
+/// Whether `new` differs from `old` only in progress counters
+/// (out-of-sync bytes, resync/verify progress, transferred bytes).
+fn only_progress_changed(old: &StatusReport, new: &StatusReport) -> bool {
+    let mut old = old.clone();
+    old.out_of_sync_bytes = new.out_of_sync_bytes;
+    old.resync = new.resync;
+    old.verify = new.verify;
+    old.resync_transferred_bytes = new.resync_transferred_bytes;
+    // The start or end of a resync or verify is a state change.
+    let same_presence = |a: &Option<_>, b: &Option<_>| a.is_some() == b.is_some();
+    old == *new
+        && same_presence(&old.resync, &new.resync)
+        && same_presence(&old.verify, &new.verify)
+}
+
 /// Turns the daemon's successive status snapshots into `change` events on
 /// the broadcast channel that [`run`] streams to subscribers.
 #[derive(Debug)]
 pub struct EventPublisher {
     sender: broadcast::Sender<Event>,
-    last: Option<StatusReport>,
+    /// The last status subscribers were told about.
+    published: Option<StatusReport>,
+    last_progress_event: Option<Instant>,
 }
 
 impl Default for EventPublisher {
@@ -89,7 +111,11 @@ impl EventPublisher {
     /// A publisher with a channel of [`EVENT_CHANNEL_CAPACITY_EVENTS`].
     pub fn new() -> Self {
         let (sender, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY_EVENTS);
-        EventPublisher { sender, last: None }
+        EventPublisher {
+            sender,
+            published: None,
+            last_progress_event: None,
+        }
     }
 
     /// The sender to give to [`run`] / [`serve`].
@@ -97,21 +123,42 @@ impl EventPublisher {
         self.sender.clone()
     }
 
-    /// Publish what changed since the previous snapshot; returns how many
-    /// events that was. The first snapshot only sets the baseline
-    /// (subscribers get the full state from their initial dump).
+    /// Publish what changed since the last published snapshot; returns how
+    /// many events that was. See [`EventPublisher::publish_at`].
     pub fn publish(&mut self, status: &StatusReport) -> usize {
-        let events = match &self.last {
-            Some(last) if last != status => {
-                change_events(last, status, &Timestamp::now().to_string())
-            }
-            _ => Vec::new(),
+        self.publish_at(status, Instant::now())
+    }
+
+    /// Publish what changed since the last published snapshot, `now` being
+    /// the current time. The first snapshot only sets the baseline
+    /// (subscribers get the full state from their initial dump). A change of
+    /// progress counters alone is held back until
+    /// [`PROGRESS_EVENT_INTERVAL_MS`] after the previous such event; it is
+    /// then sent with the latest values.
+    pub fn publish_at(&mut self, status: &StatusReport, now: Instant) -> usize {
+        let Some(published) = &self.published else {
+            self.published = Some(status.clone());
+            return 0;
         };
+        if published == status {
+            return 0;
+        }
+        if only_progress_changed(published, status) {
+            let due = self.last_progress_event.is_none_or(|t| {
+                now.saturating_duration_since(t)
+                    >= Duration::from_millis(PROGRESS_EVENT_INTERVAL_MS)
+            });
+            if !due {
+                return 0;
+            }
+            self.last_progress_event = Some(now);
+        }
+        let events = change_events(published, status, &Timestamp::now().to_string());
         for event in &events {
             // No subscriber is not an error: the event is simply not needed.
             let _ = self.sender.send(event.clone());
         }
-        self.last = Some(status.clone());
+        self.published = Some(status.clone());
         events.len()
     }
 }

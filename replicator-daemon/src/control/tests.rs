@@ -300,6 +300,55 @@ async fn event_publisher_sends_only_differences_between_snapshots() {
 }
 
 #[tokio::test]
+async fn event_publisher_rate_limits_progress_but_not_state_changes() {
+    // Proves a resync's counters produce at most one event per
+    // PROGRESS_EVENT_INTERVAL_MS (carrying the latest values), while a
+    // state change (the resync ending) goes out at once.
+    use super::protocol::{Progress, ReplicationState};
+    use super::server::{EventPublisher, PROGRESS_EVENT_INTERVAL_MS};
+    use std::time::Instant;
+    let at = |done: u64| {
+        let mut s = sample_status();
+        s.replication = ReplicationState::SyncSource;
+        s.out_of_sync_bytes = 100 - done;
+        s.resync = Some(Progress {
+            done_bytes: done,
+            total_bytes: 100,
+            rate_bytes_per_s: 1,
+            eta_s: Some(100 - done),
+        });
+        s
+    };
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    let mut publisher = EventPublisher::new();
+    let mut rx = publisher.sender().subscribe();
+    assert_eq!(publisher.publish_at(&sample_status(), ms(0)), 0);
+    // The resync starting is a state change: published.
+    assert_eq!(publisher.publish_at(&at(0), ms(1)), 1);
+    // First counter-only change: published, then held back for a while.
+    assert_eq!(publisher.publish_at(&at(10), ms(2)), 1);
+    for (done, t) in [(20, 3), (30, 500), (40, PROGRESS_EVENT_INTERVAL_MS)] {
+        assert_eq!(publisher.publish_at(&at(done), ms(t)), 0, "at {t} ms");
+    }
+    assert_eq!(
+        publisher.publish_at(&at(50), ms(2 + PROGRESS_EVENT_INTERVAL_MS)),
+        1
+    );
+    // The end (replication back to Established, resync null): at once.
+    assert_eq!(
+        publisher.publish_at(&sample_status(), ms(3 + PROGRESS_EVENT_INTERVAL_MS)),
+        1
+    );
+    let events: Vec<Event> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+    assert_eq!(events.len(), 4);
+    assert_eq!(events[0].fields["replication"], "SyncSource");
+    assert_eq!(events[2].fields["resync"]["done_bytes"], 50);
+    assert_eq!(events[3].fields["replication"], "Established");
+    assert_eq!(events[3].fields["resync"], serde_json::Value::Null);
+}
+
+#[tokio::test]
 async fn lagging_event_subscriber_is_dropped_with_a_reason() {
     // Proves a subscriber that falls a whole channel behind is cut off with
     // an error line (memory stays bounded by the channel), and the server

@@ -43,7 +43,6 @@ fn io_sentence(what: &str, path: &Path, e: std::io::Error) -> MdError {
 /// The files a node's metadata lives on.
 struct Devices {
     disk_path: PathBuf,
-    disk_size_bytes: u64,
     meta_path: PathBuf,
     layout: MetadataLayout,
 }
@@ -95,7 +94,6 @@ fn devices(node: &NodeConfig, create_meta_file: bool) -> Result<(Devices, File, 
             Ok((
                 Devices {
                     disk_path: node.disk.clone(),
-                    disk_size_bytes,
                     meta_path: node.disk.clone(),
                     layout,
                 },
@@ -128,7 +126,6 @@ fn devices(node: &NodeConfig, create_meta_file: bool) -> Result<(Devices, File, 
             Ok((
                 Devices {
                     disk_path: node.disk.clone(),
-                    disk_size_bytes,
                     meta_path: path.clone(),
                     layout,
                 },
@@ -217,10 +214,11 @@ pub fn create_md(config: &Config, node_name: &str, force: bool) -> Result<String
         MetaKind::External => format!("external, in {}", devices.meta_path.display()),
     };
     Ok(format!(
-        "created metadata for {}/{node_name} ({place}); data area {} of {}",
+        "created metadata for {}/{node_name} ({place}): data area {} bytes, metadata {} bytes at offset {}",
         config.resource,
-        super::render::bytes(devices.layout.data_size_bytes),
-        super::render::bytes(devices.disk_size_bytes),
+        devices.layout.data_size_bytes,
+        devices.layout.metadata_bytes,
+        devices.layout.metadata_offset_bytes,
     ))
 }
 

@@ -276,10 +276,7 @@ async fn run_command(
                     }
                 }
                 Response::Error(sentence) => {
-                    return Err(Failure::failed(format!(
-                        "{} refused: {sentence}",
-                        request.name()
-                    )))
+                    return Err(Failure::failed(format!("{}: {sentence}", request.name())))
                 }
                 Response::Status(_) => {
                     return Err(Failure::failed(format!(
@@ -312,7 +309,7 @@ async fn fetch_status(
         .map_err(|e| target.client_failure(e))?
     {
         Response::Status(status) => Ok(*status),
-        Response::Error(sentence) => Err(Failure::failed(format!("status refused: {sentence}"))),
+        Response::Error(sentence) => Err(Failure::failed(format!("status: {sentence}"))),
         Response::Ok { .. } => Err(Failure::failed(format!(
             "{} answered status without a status",
             target.describe()
@@ -331,7 +328,7 @@ async fn follow_events(
         .map_err(|e| target.client_failure(e))?
     {
         Ok(stream) => stream,
-        Err(sentence) => return Err(Failure::failed(format!("events refused: {sentence}"))),
+        Err(sentence) => return Err(Failure::failed(format!("events: {sentence}"))),
     };
     loop {
         match stream
@@ -413,8 +410,9 @@ pub fn classify(op: WaitOp, status: &StatusReport) -> WaitState {
 pub const WAIT_START_TIMEOUT_MS: u64 = 10_000;
 
 /// Follows the statuses seen by one `--wait`: like [`classify`], except that
-/// a resync that has not shown up yet while blocks are still out of sync is
-/// "starting", not done, for up to [`WAIT_START_TIMEOUT_MS`].
+/// before the operation was first seen running, a link that is not up yet,
+/// or (for resync) blocks still out of sync without a resync, mean
+/// "starting", not aborted or done, for up to [`WAIT_START_TIMEOUT_MS`].
 #[derive(Debug, Clone)]
 pub struct WaitTracker {
     op: WaitOp,
@@ -434,28 +432,42 @@ impl WaitTracker {
     /// accepted.
     pub fn observe(&mut self, status: &StatusReport, since_request_ms: u64) -> WaitState {
         let state = classify(self.op, status);
-        match state {
+        let waiting_to_start = match &state {
             WaitState::Running(_) | WaitState::Paused(_) => {
                 self.seen_running = true;
-                state
+                return state;
             }
-            WaitState::Done
-                if self.op == WaitOp::Resync
-                    && !self.seen_running
-                    && status.out_of_sync_bytes > 0 =>
-            {
-                if since_request_ms < WAIT_START_TIMEOUT_MS {
-                    WaitState::Running(None)
-                } else {
-                    WaitState::Aborted(format!(
-                        "resync did not start within {} s; {} remain out of sync",
-                        WAIT_START_TIMEOUT_MS / 1000,
-                        render::bytes(status.out_of_sync_bytes)
-                    ))
-                }
+            // The daemon accepted the command while the link was down (it
+            // connects first, as after a promotion): not lost yet.
+            WaitState::Aborted(_) => {
+                !self.seen_running && status.connection != ConnectionState::Connected
             }
-            other => other,
+            WaitState::Done => {
+                self.op == WaitOp::Resync && !self.seen_running && status.out_of_sync_bytes > 0
+            }
+        };
+        if !waiting_to_start {
+            return state;
         }
+        if since_request_ms < WAIT_START_TIMEOUT_MS {
+            return WaitState::Running(None);
+        }
+        let why = if status.connection != ConnectionState::Connected {
+            format!(
+                "the link to {} is {:?}",
+                status.peer_node, status.connection
+            )
+        } else {
+            format!(
+                "{} remain out of sync",
+                render::bytes(status.out_of_sync_bytes)
+            )
+        };
+        WaitState::Aborted(format!(
+            "{} did not start within {} s; {why}",
+            self.op.name(),
+            WAIT_START_TIMEOUT_MS / 1000
+        ))
     }
 }
 

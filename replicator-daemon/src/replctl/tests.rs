@@ -175,7 +175,7 @@ async fn refused_command_exits_1_with_the_daemon_sentence_on_stderr() {
     assert_eq!(o.code, EXIT_FAILED);
     assert_eq!(
         o.err,
-        "replctl: primary refused: The local disk is Outdated; use --force.\n"
+        "replctl: primary: The local disk is Outdated; use --force.\n"
     );
     assert!(o.out.is_empty());
     fx.shutdown().await;
@@ -673,6 +673,33 @@ fn wait_tracker_treats_a_not_yet_started_resync_as_starting_until_the_deadline()
     assert_eq!(tracker.observe(&pending, 1), WaitState::Done);
     let mut tracker = WaitTracker::new(WaitOp::Resync);
     assert_eq!(tracker.observe(&sample_status(), 0), WaitState::Done);
+}
+
+#[test]
+fn wait_tracker_waits_for_the_link_before_the_start_but_not_after() {
+    // Proves a link still coming up when the command was accepted (e.g.
+    // right after a promotion) is "starting" until the deadline, while a
+    // link lost after the operation ran is an abort at once.
+    let mut connecting = sample_status();
+    connecting.connection = ConnectionState::Connecting;
+    connecting.replication = ReplicationState::Off;
+    let mut tracker = WaitTracker::new(WaitOp::Verify);
+    assert_eq!(tracker.observe(&connecting, 0), WaitState::Running(None));
+    assert_eq!(
+        tracker.observe(&connecting, WAIT_START_TIMEOUT_MS),
+        WaitState::Aborted(
+            "verify did not start within 10 s; the link to bravo is Connecting".into()
+        )
+    );
+    let mut tracker = WaitTracker::new(WaitOp::Resync);
+    let running = syncing(50, ReplicationState::SyncSource);
+    assert_eq!(
+        tracker.observe(&running, 0),
+        WaitState::Running(running.resync)
+    );
+    assert!(
+        matches!(tracker.observe(&connecting, 1), WaitState::Aborted(s) if s.starts_with("resync aborted"))
+    );
 }
 
 #[tokio::test]
