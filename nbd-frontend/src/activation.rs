@@ -8,6 +8,8 @@ use crate::server::Listener;
 /// Why the passed sockets cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivationError {
+    #[error("LISTEN_FDS={value:?} is not a count of file descriptors")]
+    BadFdCount { value: String },
     #[error("socket activation fd {fd} is neither a TCP nor a Unix stream socket: {source}")]
     NotAListener {
         fd: usize,
@@ -35,7 +37,18 @@ pub fn listeners_from_env() -> Result<Vec<Listener>, ActivationError> {
         .ok()
         .and_then(|v| v.trim().parse::<u32>().ok())
         == Some(std::process::id());
-    let activated = ours && std::env::var_os("LISTEN_FDS").is_some();
+    let count = std::env::var("LISTEN_FDS").ok();
+    if let (true, Some(value)) = (ours, &count) {
+        if value.trim().parse::<u16>().is_err() {
+            for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+                std::env::remove_var(var);
+            }
+            return Err(ActivationError::BadFdCount {
+                value: value.clone(),
+            });
+        }
+    }
+    let activated = ours && count.is_some();
     let mut fds = if activated {
         listenfd::ListenFd::from_env()
     } else {
