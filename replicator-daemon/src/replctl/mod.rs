@@ -501,6 +501,7 @@ async fn wait_for(
     let mut last_plain: Option<tokio::time::Instant> = None;
     let mut was_paused = false;
     let mut bar_drawn = false;
+    let mut announced = false;
     let mut tracker = WaitTracker::new(op);
     let started = tokio::time::Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(WAIT_POLL_INTERVAL_MS));
@@ -530,6 +531,18 @@ async fn wait_for(
             last_progress = progress;
         }
         let Some(shown) = progress.or(last_progress) else {
+            // Running but no numbers yet (bitmap exchange, link coming up,
+            // or a daemon that reports no verify progress): say so once.
+            if !announced {
+                let line = render::waiting_line(op);
+                if console.out_is_tty {
+                    write_out(console, &format!("\r{line}\x1b[K"))?;
+                    bar_drawn = true;
+                } else {
+                    write_out(console, &format!("{line}\n"))?;
+                }
+                announced = true;
+            }
             continue;
         };
         if console.out_is_tty {

@@ -168,6 +168,11 @@ pub fn progress_bar(op: WaitOp, progress: &Progress, paused: bool) -> String {
     )
 }
 
+/// The line shown while an operation runs but reports no progress yet.
+pub fn waiting_line(op: WaitOp) -> String {
+    format!("{} started; waiting for progress", op.name())
+}
+
 /// One plain progress line for logs and pipes (no control characters, no
 /// newline): `resync 50.00% 512.0MiB of 1.00GiB at 100.0MiB/s, ETA 0:05`.
 pub fn progress_line(op: WaitOp, progress: &Progress, paused: bool) -> String {

@@ -612,6 +612,28 @@ async fn verify_wait_reports_differences_found() {
     fx.shutdown().await;
 }
 
+#[tokio::test]
+async fn verify_wait_without_progress_numbers_says_it_is_waiting_once() {
+    // Proves a running verify that reports no progress (VerifyS, verify
+    // null) prints one "waiting" line, not one per poll, then the result.
+    let mut running = sample_status();
+    running.replication = ReplicationState::VerifyS;
+    let script = vec![running.clone(), running.clone(), running, sample_status()];
+    let mut fx = Fixture::start(FakeHandler::scripted(script), 16);
+    let o = run_capture(
+        &socket_args(&fx.path),
+        ControlCommand::Verify { wait: true },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_OK, "{}", o.err);
+    assert_eq!(
+        o.out,
+        "verify done\nverify started; waiting for progress\nverify done: the replicas are identical\n"
+    );
+    fx.shutdown().await;
+}
+
 #[test]
 fn classify_covers_running_paused_done_and_aborted() {
     // Proves the --wait decision table on single statuses.
