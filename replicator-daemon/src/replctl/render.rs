@@ -113,7 +113,13 @@ pub fn status_text(s: &StatusReport) -> String {
     if let Some(reason) = &s.last_refusal {
         let _ = writeln!(out, "    refused: {reason}");
     }
-    if let Some(reason) = &s.connection_error {
+    // The same sentence is often both why the peer was refused and why
+    // the link dropped; say it once.
+    if let Some(reason) = s
+        .connection_error
+        .as_ref()
+        .filter(|r| s.last_refusal.as_ref() != Some(*r))
+    {
         let _ = writeln!(out, "    link-error: {reason}");
     }
     out
@@ -276,6 +282,21 @@ mod tests {
              \x20   refused: Both nodes wrote since they last agreed (split brain).\n\
              \x20   link-error: The peer closed the connection.\n"
         );
+    }
+
+    #[test]
+    fn status_text_says_a_refusal_that_also_dropped_the_link_once() {
+        // Proves an identical refusal and link error are not printed twice.
+        let mut s = syncing();
+        s.connection = ConnectionState::StandAlone;
+        s.last_refusal = Some("The peer failed authentication.".into());
+        s.connection_error = s.last_refusal.clone();
+        let text = status_text(&s);
+        assert!(
+            text.ends_with("    refused: The peer failed authentication.\n"),
+            "{text}"
+        );
+        assert!(!text.contains("link-error"), "{text}");
     }
 
     #[test]
