@@ -11,13 +11,17 @@
 //! - [`node`]: the replicated node runtime: metadata attach, the event loop
 //!   driving the replication engine, the replicated NBD target, control.
 //! - [`transport`]: the peer link over TCP (dial/accept, tie-break, lanes).
+//! - [`demo`]: `replctl demo`, the one-node quick start.
+//! - [`replctl_program`]: the `replctl` program's command line (control commands + demo).
 #![deny(unsafe_code)]
 
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod disk;
 pub mod node;
 pub mod replctl;
+pub mod replctl_program;
 pub mod replicatord;
 pub mod target;
 pub mod transport;

@@ -1,3 +1,6 @@
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("replctl: not built yet")
+//! `replctl`: the operator's tool. The logic lives in
+//! `replicator_daemon::replctl_program`.
+#![forbid(unsafe_code)]
+fn main() -> std::process::ExitCode {
+    replicator_daemon::replctl_program::main()
 }
