@@ -13,7 +13,13 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use nbd_frontend::{BlockTarget, Extent, TargetError, TargetFlags};
 use replicator_core::engine::{ClientError, ClientRequest, MAX_CLIENT_REQUESTS};
+use replicator_core::wire::MAX_WRITE_PAYLOAD_BYTES;
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
+
+/// Largest piece of a write, trim or zero request handed to the engine; the
+/// engine mirrors at most one wire frame's payload per request.
+pub const ENGINE_WRITE_CHUNK_BYTES: u64 = MAX_WRITE_PAYLOAD_BYTES as u64;
 
 /// One client request on its way to the event loop.
 #[derive(Debug)]
@@ -25,9 +31,15 @@ pub struct ClientCall {
 /// The replicated export.
 #[derive(Debug)]
 pub struct ReplicatedTarget {
-    calls: mpsc::Sender<ClientCall>,
+    caller: Caller,
     size_bytes: u64,
     read_only: bool,
+}
+
+/// The way into the loop, cheap to clone into per-chunk tasks.
+#[derive(Debug, Clone)]
+struct Caller {
+    calls: mpsc::Sender<ClientCall>,
     /// Requests handed to the engine at once; the engine refuses more than
     /// [`MAX_CLIENT_REQUESTS`] with `Busy`, so callers wait here instead.
     slots: Arc<Semaphore>,
@@ -36,13 +48,61 @@ pub struct ReplicatedTarget {
 impl ReplicatedTarget {
     pub fn new(calls: mpsc::Sender<ClientCall>, size_bytes: u64, read_only: bool) -> Self {
         ReplicatedTarget {
-            calls,
+            caller: Caller {
+                calls,
+                slots: Arc::new(Semaphore::new(MAX_CLIENT_REQUESTS)),
+            },
             size_bytes,
             read_only,
-            slots: Arc::new(Semaphore::new(MAX_CLIENT_REQUESTS)),
         }
     }
 
+    async fn call(
+        &self,
+        op: &'static str,
+        offset: u64,
+        len_bytes: u64,
+        request: ClientRequest,
+    ) -> Result<Bytes, TargetError> {
+        self.caller.call(op, offset, len_bytes, request).await
+    }
+
+    /// Splits a mutation into engine-sized pieces run concurrently; fails if
+    /// any piece fails (NBD writes are not atomic either).
+    async fn chunked(
+        &self,
+        op: &'static str,
+        offset: u64,
+        len_bytes: u64,
+        piece: impl Fn(u64, u64) -> ClientRequest,
+    ) -> Result<(), TargetError> {
+        if len_bytes <= ENGINE_WRITE_CHUNK_BYTES {
+            return self
+                .call(op, offset, len_bytes, piece(offset, len_bytes))
+                .await
+                .map(drop);
+        }
+        let mut set = JoinSet::new();
+        let mut at = 0u64;
+        while at < len_bytes {
+            let n = (len_bytes - at).min(ENGINE_WRITE_CHUNK_BYTES);
+            let (caller, req) = (self.caller.clone(), piece(offset + at, n));
+            let o = offset + at;
+            set.spawn(async move { caller.call(op, o, n, req).await.map(drop) });
+            at += n;
+        }
+        let mut result = Ok(());
+        while let Some(r) = set.join_next().await {
+            let r = r.unwrap_or(Err(TargetError::ShuttingDown));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+}
+
+impl Caller {
     async fn call(
         &self,
         op: &'static str,
@@ -66,7 +126,9 @@ impl ReplicatedTarget {
             Err(_) => Err(TargetError::ShuttingDown),
         }
     }
+}
 
+impl ReplicatedTarget {
     fn writable(&self) -> Result<(), TargetError> {
         if self.read_only {
             Err(TargetError::ReadOnly)
@@ -145,14 +207,12 @@ impl BlockTarget for ReplicatedTarget {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), TargetError> {
         self.writable()?;
         let len = data.len() as u64;
-        self.call(
-            "write",
-            offset,
-            len,
-            ClientRequest::Write { offset, data, fua },
-        )
+        self.chunked("write", offset, len, |o, n| ClientRequest::Write {
+            offset: o,
+            data: data.slice((o - offset) as usize..(o - offset + n) as usize),
+            fua,
+        })
         .await
-        .map(drop)
     }
 
     async fn flush(&self) -> Result<(), TargetError> {
@@ -163,16 +223,11 @@ impl BlockTarget for ReplicatedTarget {
 
     async fn trim(&self, offset: u64, len_bytes: u64, fua: bool) -> Result<(), TargetError> {
         self.writable()?;
-        let len = len_u32("trim", offset, len_bytes)?;
-        self.call(
-            "trim",
-            offset,
-            len_bytes,
-            ClientRequest::Trim {
-                offset,
-                len_bytes: len,
-            },
-        )
+        len_u32("trim", offset, len_bytes)?;
+        self.chunked("trim", offset, len_bytes, |o, n| ClientRequest::Trim {
+            offset: o,
+            len_bytes: n as u32,
+        })
         .await?;
         if fua {
             self.flush().await?;
@@ -193,19 +248,15 @@ impl BlockTarget for ReplicatedTarget {
             // Zeroing is mirrored like a write; it is never "fast".
             return Err(TargetError::NotFast);
         }
-        let len = len_u32("write_zeroes", offset, len_bytes)?;
-        self.call(
-            "write_zeroes",
-            offset,
-            len_bytes,
+        len_u32("write_zeroes", offset, len_bytes)?;
+        self.chunked("write_zeroes", offset, len_bytes, |o, n| {
             ClientRequest::WriteZeroes {
-                offset,
-                len_bytes: len,
+                offset: o,
+                len_bytes: n as u32,
                 fua,
-            },
-        )
+            }
+        })
         .await
-        .map(drop)
     }
 
     async fn cache(&self, _offset: u64, _len_bytes: u64) -> Result<(), TargetError> {

@@ -77,6 +77,11 @@ impl Pair {
                 && s.peer_role == crate::control::protocol::PeerRole::Primary
         })
         .await;
+        // The primary learns that its peer adopted the new generation.
+        wait_for(&a, "bravo UpToDate as alpha sees it", |s| {
+            s.peer_disk == crate::control::protocol::DiskState::UpToDate
+        })
+        .await;
         (a, b)
     }
 
@@ -128,7 +133,8 @@ fn pattern(seed: u8, len: usize) -> Bytes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_completes_only_after_both_disks_hold_it() {
     // Proves protocol C end to end: the moment a write through the primary's
-    // target returns, both backing files already hold the data; and the
+    // target returns, both backing files already hold the data (also for a
+    // write larger than one engine request); and the
     // primary serves its NBD export while the secondary does not.
     let p = Pair::new();
     let (a, b) = p.up().await;
@@ -147,6 +153,19 @@ async fn write_completes_only_after_both_disks_hold_it() {
                 "{n} holds the write when it completes"
             );
         }
+    }
+    // Larger than one engine request: split, mirrored, complete on both.
+    let big = pattern(0x5a, 3 * 1024 * 1024 + 4096);
+    a.target
+        .write(4 * 1024 * 1024, big.clone(), true)
+        .await
+        .unwrap();
+    for n in ["alpha", "bravo"] {
+        let on_disk = p.data(n, 4 * 1024 * 1024 + big.len() as u64);
+        assert!(
+            on_disk[4 * 1024 * 1024..] == big[..],
+            "{n} holds the big write"
+        );
     }
     a.target.flush().await.unwrap();
     let read = a.target.read(4096 * 7, 4096).await.unwrap();
