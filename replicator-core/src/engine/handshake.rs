@@ -246,6 +246,8 @@ impl Engine {
                     self.write_dirty_bitmap_pages();
                     self.write_superblock();
                     self.report_oos();
+                    // Tell the peer we are UpToDate now (its status shows it).
+                    self.send_state_update();
                 }
             }
             _ if self.hs.phase != Phase::Done => {
