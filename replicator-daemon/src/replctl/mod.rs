@@ -102,7 +102,18 @@ impl Target {
                 EXIT_NO_DAEMON,
                 format!("cannot reach {}: is replicatord running?", self.describe()),
             ),
-            other => Failure::failed(format!("talking to {} failed: {other}", self.describe())),
+            ClientError::Io { source, .. } => Failure::failed(format!(
+                "the connection to {} broke: {source}",
+                self.describe()
+            )),
+            ClientError::Closed { .. } => Failure::failed(format!(
+                "{} closed the connection without answering",
+                self.describe()
+            )),
+            ClientError::Protocol { reason, .. } => Failure::failed(format!(
+                "{} sent an answer that is not valid: {reason}",
+                self.describe()
+            )),
         }
     }
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use super::*;
 use crate::control::protocol::{
     change_events, DiskState, Event, EventObject, PeerRole, ReplicationState, Role,
+    MAX_RESPONSE_BYTES,
 };
 use crate::control::testing::{sample_status, wait_until, FakeHandler, Fixture, TEST_DEADLINE_MS};
 
@@ -179,6 +180,55 @@ async fn refused_command_exits_1_with_the_daemon_sentence_on_stderr() {
     );
     assert!(o.out.is_empty());
     fx.shutdown().await;
+}
+
+/// A Unix socket server that reads one line and answers `reply` raw (or
+/// closes without answering when `reply` is empty).
+fn raw_server(dir: &Path, reply: Vec<u8>) -> std::path::PathBuf {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let path = dir.join("raw.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let mut stream = tokio::io::BufReader::new(stream);
+            let mut line = String::new();
+            let _ = stream.read_line(&mut line).await;
+            let _ = stream.get_mut().write_all(&reply).await;
+        }
+    });
+    path
+}
+
+#[tokio::test]
+async fn garbage_or_silence_from_the_socket_is_one_clear_sentence() {
+    // Proves a peer process that is not a replicatord (answers garbage, an
+    // over-long line, or nothing) gets exit 1 and one sentence, no panic.
+    for (reply, needle) in [
+        (
+            b"HTTP/1.1 400 Bad Request\r\n".to_vec(),
+            "sent an answer that is not valid",
+        ),
+        (
+            b"{\"ok\":false}\n".to_vec(),
+            "sent an answer that is not valid",
+        ),
+        (vec![b'x'; MAX_RESPONSE_BYTES + 10], "longer than"),
+        (Vec::new(), "closed the connection without answering"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = raw_server(dir.path(), reply);
+        let o = run_capture(
+            &socket_args(&path),
+            ControlCommand::Status { json: false },
+            false,
+        )
+        .await;
+        assert_eq!(o.code, EXIT_FAILED, "{}", o.err);
+        assert!(o.err.contains(needle), "{}", o.err);
+        assert!(o.err.contains(&path.display().to_string()), "{}", o.err);
+        assert_eq!(o.err.lines().count(), 1, "{}", o.err);
+        assert!(o.out.is_empty());
+    }
 }
 
 #[tokio::test]
