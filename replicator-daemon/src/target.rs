@@ -99,11 +99,13 @@ impl<E: DiskEngine> BlockTarget for LocalTarget<E> {
         TargetFlags {
             read_only: self.read_only,
             can_flush: true,
-            can_trim: !self.read_only,
-            can_zero: !self.read_only,
+            // Advertised on read-only exports too, so that TRIM and
+            // WRITE_ZEROES there get EPERM (ReadOnly) rather than EINVAL.
+            can_trim: true,
+            can_zero: true,
             // Fast zero requests are answered NotFast whenever zeroing would
             // mean writing, so advertising support is always honest.
-            can_fast_zero: !self.read_only,
+            can_fast_zero: true,
             can_cache: false,
             // One file, one page cache: fdatasync on any connection covers
             // writes completed on every connection.
@@ -181,5 +183,125 @@ impl<E: DiskEngine> BlockTarget for LocalTarget<E> {
                 zero: e.hole,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IoEngineKind;
+    use crate::disk::{open_engine, AnyEngine, EngineOptions};
+
+    const DISK_BYTES: u64 = 1 << 20;
+
+    fn target(
+        read_only: bool,
+    ) -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        LocalTarget<AnyEngine>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(DISK_BYTES)
+            .unwrap();
+        let engine = open_engine(
+            &path,
+            EngineOptions {
+                io_engine: IoEngineKind::Uring,
+                direct: false,
+                read_only,
+            },
+        )
+        .unwrap();
+        (dir, path, LocalTarget::new(engine, read_only))
+    }
+
+    #[tokio::test]
+    async fn flags_advertise_flush_multi_conn_and_read_only() {
+        // Proves the export's flags: flush/FUA, multi-conn, and read-only from config.
+        let (_d, _p, rw) = target(false);
+        let f = rw.flags();
+        assert!(f.can_flush && f.can_multi_conn && f.can_trim && f.can_zero && f.can_fast_zero);
+        assert!(!f.read_only);
+        assert_eq!(rw.size_bytes(), DISK_BYTES);
+        let (_d, _p, ro) = target(true);
+        assert!(ro.flags().read_only);
+    }
+
+    #[tokio::test]
+    async fn read_only_target_refuses_every_mutation() {
+        // Proves writes, trims and zeroes on a read-only export are ReadOnly errors.
+        let (_d, path, t) = target(true);
+        let w = t.write(0, Bytes::from_static(b"x"), false).await;
+        assert!(matches!(w, Err(TargetError::ReadOnly)), "{w:?}");
+        assert!(matches!(
+            t.trim(0, 4096, false).await,
+            Err(TargetError::ReadOnly)
+        ));
+        let z = t.write_zeroes(0, 4096, true, false, false).await;
+        assert!(matches!(z, Err(TargetError::ReadOnly)));
+        assert!(t.read(0, 4096).await.is_ok());
+        assert!(std::fs::read(path).unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[tokio::test]
+    async fn writes_zeroes_and_block_status_map_through() {
+        // Proves data written (with and without FUA) reads back, zeroes read
+        // back as zero, and block status marks holes as zero.
+        let (_d, _p, t) = target(false);
+        t.write(8192, Bytes::from(vec![0x5a; 8192]), true)
+            .await
+            .unwrap();
+        t.write(100, Bytes::from(vec![0x11; 10]), false)
+            .await
+            .unwrap();
+        t.flush().await.unwrap();
+        assert_eq!(&t.read(8192, 8192).await.unwrap()[..], &[0x5a; 8192][..]);
+        assert_eq!(&t.read(100, 10).await.unwrap()[..], &[0x11; 10][..]);
+        t.write_zeroes(8192, 4096, false, false, true)
+            .await
+            .unwrap();
+        assert!(t.read(8192, 4096).await.unwrap().iter().all(|&b| b == 0));
+        t.trim(0, 4096, true).await.unwrap();
+        let ex = t.block_status(0, DISK_BYTES).await.unwrap();
+        assert_eq!(ex.iter().map(|e| e.length_bytes).sum::<u64>(), DISK_BYTES);
+        assert!(ex.iter().all(|e| e.hole == e.zero));
+        assert!(
+            ex.iter().any(|e| !e.hole) && ex.iter().any(|e| e.hole),
+            "{ex:?}"
+        );
+    }
+
+    #[test]
+    fn disk_errors_map_to_the_servers_error_kinds() {
+        // Proves ENOSPC-like failures become NoSpace, NotFast stays NotFast,
+        // and other I/O errors stay I/O errors with their context.
+        let io = |errno| DiskError::Io {
+            op: "write",
+            offset: 4096,
+            len_bytes: 512,
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        for errno in [libc::ENOSPC, libc::EDQUOT, libc::EFBIG] {
+            assert!(matches!(
+                target_err(io(errno)),
+                TargetError::NoSpace {
+                    offset: 4096,
+                    len_bytes: 512
+                }
+            ));
+        }
+        assert!(matches!(
+            target_err(io(libc::EIO)),
+            TargetError::Io { offset: 4096, .. }
+        ));
+        let nf = DiskError::NotFast {
+            offset: 0,
+            len_bytes: 1,
+        };
+        assert!(matches!(target_err(nf), TargetError::NotFast));
     }
 }
