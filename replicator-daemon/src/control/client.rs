@@ -6,12 +6,18 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
 use super::protocol::{Event, Request, Response, MAX_RESPONSE_BYTES};
+
+/// How long a request may wait for its response by default, in
+/// milliseconds. Commands are carried out promptly by the daemon (a resync
+/// is started, not waited for), so a minute means the daemon is stuck.
+pub const REQUEST_TIMEOUT_MS: u64 = 60_000;
 
 /// Why talking to the daemon failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +44,14 @@ pub enum ClientError {
         /// The socket path.
         path: PathBuf,
     },
+    /// The daemon did not answer in time.
+    #[error("the daemon at {path} did not answer within {timeout_ms} ms")]
+    TimedOut {
+        /// The socket path.
+        path: PathBuf,
+        /// The limit that passed.
+        timeout_ms: u64,
+    },
     /// The daemon's answer was not valid protocol.
     #[error("the daemon at {path} sent an answer that is not valid: {reason}")]
     Protocol {
@@ -52,6 +66,7 @@ pub enum ClientError {
 #[derive(Debug)]
 pub struct ControlClient {
     path: PathBuf,
+    timeout: Duration,
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
 }
@@ -69,6 +84,7 @@ impl ControlClient {
         let (read_half, writer) = stream.into_split();
         Ok(ControlClient {
             path: path.to_owned(),
+            timeout: Duration::from_millis(REQUEST_TIMEOUT_MS),
             reader: BufReader::new(read_half),
             writer,
         })
@@ -77,6 +93,12 @@ impl ControlClient {
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Change how long [`Self::request`] waits for an answer (default
+    /// [`REQUEST_TIMEOUT_MS`]).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
     }
 
     fn io_error(&self, source: io::Error) -> ClientError {
@@ -135,8 +157,18 @@ impl ControlClient {
     /// Send `request` and wait for its response. Use [`Self::subscribe`]
     /// for [`Request::Events`].
     pub async fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
-        self.send(request).await?;
-        self.read_response().await
+        let timeout = self.timeout;
+        let exchange = async {
+            self.send(request).await?;
+            self.read_response().await
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::TimedOut {
+                path: self.path.clone(),
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
     }
 
     /// Subscribe to events. `Ok(Err(sentence))` when the daemon refused.

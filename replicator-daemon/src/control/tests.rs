@@ -586,3 +586,38 @@ async fn a_panicking_handler_closes_only_its_own_connection() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn client_request_times_out_when_the_daemon_never_answers() {
+    // Proves a stuck daemon cannot hang replctl: a request to a socket that
+    // accepts but never answers fails with TimedOut after the set limit.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mute.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let mute = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let mut client = ControlClient::connect(&path).await.unwrap();
+    client.set_timeout(Duration::from_millis(100));
+    let started = tokio::time::Instant::now();
+    let err = tokio::time::timeout(deadline(), client.request(&Request::Status))
+        .await
+        .expect("the client's own timeout did not fire")
+        .unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    assert!(
+        matches!(
+            err,
+            super::client::ClientError::TimedOut {
+                timeout_ms: 100,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("did not answer within 100 ms"));
+    mute.abort();
+}

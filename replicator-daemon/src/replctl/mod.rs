@@ -110,6 +110,11 @@ impl Target {
                 "{} closed the connection without answering",
                 self.describe()
             )),
+            ClientError::TimedOut { timeout_ms, .. } => Failure::failed(format!(
+                "{} did not answer within {} s",
+                self.describe(),
+                timeout_ms / 1000
+            )),
             ClientError::Protocol { reason, .. } => Failure::failed(format!(
                 "{} sent an answer that is not valid: {reason}",
                 self.describe()
