@@ -36,6 +36,11 @@ pub const MAX_BITMAP_BLOCK_BYTES: u64 = 1024 * 1024;
 pub const DEFAULT_AL_EXTENTS: u32 = 1237;
 /// Accepted activity-log sizes in extents (DRBD's range).
 pub const AL_EXTENTS_RANGE: std::ops::RangeInclusive<u32> = 7..=65534;
+/// Default of `timeout_ms`: a peer link silent this long is declared lost.
+pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 5_000;
+/// Allowed `timeout_ms`: above the engine's 1 s ping interval with margin,
+/// and at most the engine's own 6 s silence limit.
+pub const PEER_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 2_000..=6_000;
 
 /// Replication protocol: when a write is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +124,8 @@ pub struct NodeOptions {
     pub resync_rate_bytes_per_s: Option<u64>,
     pub split_brain: SplitBrainPolicy,
     pub read_only: bool,
+    /// `timeout_ms`: a peer link on which nothing arrived this long is lost.
+    pub peer_timeout_ms: u64,
 }
 
 impl Default for NodeOptions {
@@ -131,6 +138,7 @@ impl Default for NodeOptions {
             resync_rate_bytes_per_s: None,
             split_brain: SplitBrainPolicy::Disconnect,
             read_only: false,
+            peer_timeout_ms: DEFAULT_PEER_TIMEOUT_MS,
         }
     }
 }
@@ -327,7 +335,7 @@ fn line_col(text: &str, byte: usize) -> (usize, usize) {
     (line, column)
 }
 
-const NODE_OPTION_KEYS: [&str; 7] = [
+const NODE_OPTION_KEYS: [&str; 8] = [
     "io_engine",
     "direct",
     "bitmap_block_bytes",
@@ -335,6 +343,7 @@ const NODE_OPTION_KEYS: [&str; 7] = [
     "resync_rate",
     "split_brain",
     "read_only",
+    "timeout_ms",
 ];
 
 struct Parser<'a> {
@@ -733,6 +742,22 @@ impl Parser<'_> {
         if let Some(v) = self.bool(prefix, t, "read_only")? {
             o.read_only = v;
         }
+        if let Some(v) = self.int(prefix, t, "timeout_ms")? {
+            if !u64::try_from(v).is_ok_and(|v| PEER_TIMEOUT_MS_RANGE.contains(&v)) {
+                return Err(self.err(
+                    join(prefix, "timeout_ms"),
+                    Problem::OutOfRange {
+                        value: v,
+                        range: format!(
+                            "{}..={} milliseconds",
+                            PEER_TIMEOUT_MS_RANGE.start(),
+                            PEER_TIMEOUT_MS_RANGE.end()
+                        ),
+                    },
+                ));
+            }
+            o.peer_timeout_ms = v as u64;
+        }
         Ok(o)
     }
 }
@@ -1074,6 +1099,26 @@ direct      = true
         // Proves al_extents is bounded to DRBD's range.
         expect_key_error(&format!("al_extents = 3\n{ONE_NODE}"), "al_extents");
         expect_key_error(&format!("al_extents = 70000\n{ONE_NODE}"), "al_extents");
+    }
+
+    #[test]
+    fn timeout_ms_defaults_overrides_per_node_and_is_bounded() {
+        // Proves the peer timeout key: a few-second default, a top-level
+        // value a node section may override, and out-of-range or mistyped
+        // values refused naming the key.
+        let c = parse_str(ONE_NODE).unwrap();
+        assert_eq!(
+            c.nodes["alpha"].options.peer_timeout_ms,
+            DEFAULT_PEER_TIMEOUT_MS
+        );
+        let c = parse_str(&format!("timeout_ms = 3000\n{ONE_NODE}")).unwrap();
+        assert_eq!(c.nodes["alpha"].options.peer_timeout_ms, 3000);
+        let text = ONE_NODE.replace("[nodes.alpha]", "[nodes.alpha]\ntimeout_ms = 2500");
+        let c = parse_str(&format!("timeout_ms = 3000\n{text}")).unwrap();
+        assert_eq!(c.nodes["alpha"].options.peer_timeout_ms, 2500);
+        for bad in ["100", "60000", "-1", "\"5s\""] {
+            expect_key_error(&format!("timeout_ms = {bad}\n{ONE_NODE}"), "timeout_ms");
+        }
     }
 
     #[test]

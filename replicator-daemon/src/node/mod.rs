@@ -272,7 +272,7 @@ pub async fn start(config: &Config, node_name: &str) -> Result<NodeHandle, RunEr
         node: node.name.clone(),
         peer: peer.name.clone(),
         peer_addr: peer_addr.to_string(),
-        peer_timeout_ms: transport::DEFAULT_PEER_TIMEOUT_MS,
+        peer_timeout_ms: node.options.peer_timeout_ms,
     };
     tokio::spawn(transport::run(
         transport_cfg,

@@ -53,8 +53,6 @@ pub const READ_CHUNK_BYTES: usize = 256 * 1024;
 pub const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// Messages from the manager's helper tasks waiting for the manager.
 pub const MANAGER_QUEUE_MESSAGES: usize = 16;
-/// Default for the config key `timeout_ms`: a peer silent this long is lost.
-pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 5_000;
 
 /// Identifies one link over the life of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
