@@ -570,6 +570,7 @@ mod tests {
     #[test]
     fn greeting_golden_bytes_round_trip() {
         // Pins the 18-byte greeting with FIXED_NEWSTYLE|NO_ZEROES.
+        assert_eq!(WIRE_FORMAT_VERSION, 1, "golden bytes below pin version 1");
         let mut out = BytesMut::new();
         Greeting {
             handshake_flags: SERVER_HANDSHAKE_FLAGS,

@@ -154,3 +154,12 @@ pub const MAX_BLOCK_STATUS_EXTENTS: usize = 4096;
 
 const _: () = assert!(MAX_DRAINED_PAYLOAD_BYTES >= MAX_PAYLOAD_BYTES as u64);
 const _: () = assert!(MAX_OPTION_BYTES >= 4 + MAX_STRING_BYTES + 2);
+
+// Header sizes are the sum of their fields (see the layouts in the spec).
+const _: () = assert!(GREETING_BYTES == 8 + 8 + 2);
+const _: () = assert!(OPTION_HEADER_BYTES == 8 + 4 + 4);
+const _: () = assert!(OPTION_REPLY_HEADER_BYTES == 8 + 4 + 4 + 4);
+const _: () = assert!(REQUEST_HEADER_BYTES == 4 + 2 + 2 + 8 + 8 + 4);
+const _: () = assert!(SIMPLE_REPLY_HEADER_BYTES == 4 + 4 + 8);
+const _: () = assert!(STRUCTURED_REPLY_HEADER_BYTES == 4 + 2 + 2 + 8 + 4);
+const _: () = assert!(10 + EXPORT_NAME_REPLY_PADDING_BYTES == 134);

@@ -384,6 +384,7 @@ mod tests {
     #[test]
     fn request_golden_bytes_round_trip_with_payload() {
         // Pins the 28-byte request header and proves the payload is returned whole.
+        assert_eq!(WIRE_FORMAT_VERSION, 1, "golden bytes below pin version 1");
         let mut out = BytesMut::new();
         encode_request(&write_header(2), b"hi", &mut out);
         assert_eq!(
