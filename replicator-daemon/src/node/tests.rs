@@ -327,3 +327,60 @@ async fn damaged_metadata_refuses_to_attach_with_the_decoders_reason() {
     );
     assert!(msg.contains("replctl create-md"), "{msg}");
 }
+
+/// `config` with `from` replaced by `to` in its file text, saved as `name`.
+fn variant(p: &Pair, name: &str, from: &str, to: &str) -> Config {
+    let text = std::fs::read_to_string(&p.config.path).unwrap();
+    assert!(text.contains(from), "{from:?} not in the config");
+    let path = p.dir.path().join(name);
+    std::fs::write(&path, text.replace(from, to)).unwrap();
+    config::load(&path).unwrap()
+}
+
+async fn refused(h: &NodeHandle, what: &str) -> String {
+    let s = wait_for(h, what, |s| {
+        s.connection == ConnectionState::StandAlone && s.last_refusal.is_some()
+    })
+    .await;
+    s.last_refusal.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_is_refused_and_status_says_why() {
+    // Proves authentication: a peer with another secret never gets past
+    // the handshake; both nodes stay StandAlone and status names the cause.
+    let p = Pair::new();
+    let other = variant(&p, "bravo.toml", "s3cret", "not-the-secret");
+    let a = p.start("alpha").await;
+    let b = start(&other, "bravo").await.unwrap();
+    let why_a = refused(&a, "alpha refuses bravo").await;
+    let why_b = refused(&b, "bravo refused").await;
+    for why in [&why_a, &why_b] {
+        assert!(why.contains("secret") || why.contains("auth"), "{why}");
+    }
+    assert_eq!(a.status().await.unwrap().replication, ReplicationState::Off);
+    a.stop();
+    b.stop();
+    a.wait().await.unwrap();
+    b.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_disk_size_is_refused_and_status_says_why() {
+    // Proves the size check: a peer exporting another size is refused at
+    // Hello and status on both nodes says so.
+    let p = Pair::new();
+    let f = std::fs::File::create(p.disk("bravo")).unwrap();
+    f.set_len(DISK_BYTES + 4 * 1024 * 1024).unwrap();
+    create_md(&p.config, "bravo", false).unwrap();
+    let a = p.start("alpha").await;
+    let b = p.start("bravo").await;
+    let why = refused(&a, "alpha refuses bravo").await;
+    assert!(why.contains("bytes"), "{why}");
+    let why = refused(&b, "bravo refused").await;
+    assert!(why.contains("bytes"), "{why}");
+    a.stop();
+    b.stop();
+    a.wait().await.unwrap();
+    b.wait().await.unwrap();
+}
