@@ -60,9 +60,9 @@ impl std::fmt::Debug for Console<'_> {
 /// A failure: the exit status and the one sentence for stderr.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
-    /// Process exit status (non-zero).
+    /// Process exit status (non-zero, except for [`Failure::reader_gone`]).
     pub exit_code: i32,
-    /// One clear sentence.
+    /// One clear sentence; empty when there is nothing to say.
     pub sentence: String,
 }
 
@@ -76,6 +76,12 @@ impl Failure {
 
     fn failed(sentence: impl Into<String>) -> Self {
         Failure::new(EXIT_FAILED, sentence)
+    }
+
+    /// Whoever read standard output went away (`replctl events | head`):
+    /// stop quietly, as `head` asked for no more.
+    fn reader_gone() -> Self {
+        Failure::new(EXIT_OK, "")
     }
 }
 
@@ -166,9 +172,11 @@ pub async fn run(target: &TargetArgs, command: &ControlCommand, console: &mut Co
     match outcome {
         Ok(()) => EXIT_OK,
         Err(failure) => {
-            // Nothing useful can be done if stderr is gone.
-            let _ = writeln!(console.err, "replctl: {}", failure.sentence);
-            let _ = console.err.flush();
+            if !failure.sentence.is_empty() {
+                // Nothing useful can be done if stderr is gone.
+                let _ = writeln!(console.err, "replctl: {}", failure.sentence);
+                let _ = console.err.flush();
+            }
             failure.exit_code
         }
     }
@@ -179,7 +187,10 @@ fn write_out(console: &mut Console<'_>, text: &str) -> Result<(), Failure> {
         .out
         .write_all(text.as_bytes())
         .and_then(|()| console.out.flush())
-        .map_err(|e| Failure::failed(format!("cannot write to standard output: {e}")))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe => Failure::reader_gone(),
+            _ => Failure::failed(format!("cannot write to standard output: {e}")),
+        })
 }
 
 /// `create-md` / `dump-md`: work on the disk named by `--config`/`--node`.

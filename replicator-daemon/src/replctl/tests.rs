@@ -822,3 +822,49 @@ async fn events_prints_the_dump_and_changes_as_json_lines() {
         err.text()
     );
 }
+
+/// A stdout whose reader went away after `keep` writes.
+struct ClosingPipe {
+    writes_left: usize,
+}
+
+impl Write for ClosingPipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.writes_left == 0 {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        self.writes_left -= 1;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn events_piped_into_head_stops_quietly_when_the_reader_goes() {
+    // Proves `replctl events | head -2`: once stdout's reader is gone,
+    // replctl exits 0 without an error sentence instead of streaming on.
+    let mut fx = Fixture::start(FakeHandler::scripted(vec![sample_status()]), 16);
+    let mut out = ClosingPipe { writes_left: 2 };
+    let err = SharedBuf::default();
+    let mut e = err.clone();
+    let mut console = Console {
+        out: &mut out,
+        err: &mut e,
+        out_is_tty: false,
+    };
+    let code = tokio::time::timeout(
+        std::time::Duration::from_millis(TEST_DEADLINE_MS),
+        run(
+            &socket_args(&fx.path),
+            &ControlCommand::Events,
+            &mut console,
+        ),
+    )
+    .await
+    .expect("events kept running after its reader left");
+    assert_eq!(code, EXIT_OK);
+    assert_eq!(err.text(), "");
+    fx.shutdown().await;
+}
