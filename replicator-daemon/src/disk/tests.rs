@@ -459,3 +459,46 @@ async fn read_only_open_refuses_writes() {
         Err(DiskError::Io { .. })
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uring_more_requests_than_slots_and_queue_all_complete() {
+    // Proves requests beyond the in-flight cap and the submission queue wait
+    // their turn (backpressure) and all complete with the right data.
+    let Some(f) = setup(Kind::Uring, false) else {
+        return;
+    };
+    let engine = Arc::new(f.engine);
+    let requests = uring::MAX_IN_FLIGHT_REQUESTS + uring::SUBMIT_QUEUE_REQUESTS + 200;
+    let block = 4096u64;
+    assert!(requests as u64 * block <= TEST_DISK_BYTES);
+    let run = async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..requests as u64 {
+            let e = engine.clone();
+            tasks.spawn(async move {
+                e.write(i * block, Bytes::from(pattern(i, block as usize)))
+                    .await
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap().unwrap();
+        }
+        let mut reads = tokio::task::JoinSet::new();
+        for i in 0..requests as u64 {
+            let e = engine.clone();
+            reads.spawn(async move { (i, e.read(i * block, block as usize).await) });
+        }
+        while let Some(r) = reads.join_next().await {
+            let (i, data) = r.unwrap();
+            assert_eq!(
+                &data.unwrap()[..],
+                &pattern(i, block as usize)[..],
+                "block {i}"
+            );
+        }
+        engine.flush().await.unwrap();
+    };
+    tokio::time::timeout(TEST_TIMEOUT, run)
+        .await
+        .expect("test exceeded its time limit");
+}

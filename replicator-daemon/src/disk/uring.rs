@@ -163,7 +163,10 @@ impl UringIo {
 
     async fn call<T>(&self, req: Request, rx: oneshot::Receiver<io::Result<T>>) -> io::Result<T> {
         let tx = self.tx.as_ref().ok_or_else(stopped)?;
-        tx.send(req).await.map_err(|_| stopped())?;
+        // Only waiting for room may be cancelled; the send and the kick
+        // happen together, so no queued request is left without a wake-up.
+        let permit = tx.reserve().await.map_err(|_| stopped())?;
+        permit.send(req);
         kick(&self.wake);
         rx.await.map_err(|_| stopped())?
     }
