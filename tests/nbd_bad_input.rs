@@ -12,15 +12,18 @@ use common::{Export, ExportSpec, PYTHON};
 
 /// Runs one case of nbd_cases.py against `export`; panics with its output
 /// (and the server's log, via the export's drop) if the case fails.
-fn run_case(export: &Export, case: &str) {
+/// Afterwards the server must still run and must not have logged a panic.
+fn run_case(export: &mut Export, case: &str) {
     common::require_python_nbd();
     let script = common::tests_path("scripts/nbd_cases.py");
     common::run_ok(Command::new(PYTHON).arg(script).arg(case).arg(export.uri()));
+    export.assert_running();
+    export.assert_no_panic_logged();
 }
 
 fn case_on_fresh_export(case: &str) {
-    let export = Export::start_default();
-    run_case(&export, case);
+    let mut export = Export::start_default();
+    run_case(&mut export, case);
 }
 
 #[test]
@@ -74,11 +77,11 @@ fn zero_length_requests_are_answered_without_disconnect() {
 #[test]
 fn writes_on_read_only_export_fail_with_eperm() {
     // Proves WRITE, TRIM and WRITE_ZEROES on a read_only = true export get EPERM.
-    let export = Export::start(ExportSpec {
+    let mut export = Export::start(ExportSpec {
         read_only: true,
         ..ExportSpec::default()
     });
-    run_case(&export, "write_on_read_only_eperm");
+    run_case(&mut export, "write_on_read_only_eperm");
 }
 
 #[test]
@@ -150,13 +153,13 @@ fn truncated_write_payload_then_close_applies_nothing() {
 #[test]
 fn bad_input_cases_over_unix_socket_behave_the_same() {
     // Proves the export over a Unix socket handles the raw-socket negotiation cases too.
-    let export = Export::start(ExportSpec {
+    let mut export = Export::start(ExportSpec {
         listen: common::Listen::Unix,
         ..ExportSpec::default()
     });
     run_case(
-        &export,
+        &mut export,
         "unknown_option_err_unsup_then_negotiation_continues",
     );
-    run_case(&export, "list_shows_the_export");
+    run_case(&mut export, "list_shows_the_export");
 }

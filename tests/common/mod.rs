@@ -387,6 +387,32 @@ meta = "{d}/alpha.meta"
         }
     }
 
+    /// Kills the server with SIGKILL (a crash) and reaps it.
+    pub fn kill_hard(&mut self) {
+        let mut child = self.child.take().expect("server not running");
+        child.kill().expect("SIGKILL the server");
+        child.wait().expect("reap the server");
+    }
+
+    /// Panics unless the server process is still running.
+    pub fn assert_running(&mut self) {
+        let exited = self
+            .child
+            .as_mut()
+            .map(|c| c.try_wait().expect("poll the server"));
+        match exited {
+            Some(None) => {}
+            Some(Some(status)) => panic!("the server exited with {status}\n{}", self.server_log()),
+            None => panic!("the server is not running"),
+        }
+    }
+
+    /// Panics if any server run logged a Rust panic.
+    pub fn assert_no_panic_logged(&self) {
+        let log = self.server_log();
+        assert!(!log.contains("panicked"), "the server panicked:\n{log}");
+    }
+
     /// Starts the server again on the same address and file.
     pub fn start_again(&mut self) {
         self.spawn_and_wait();
