@@ -129,6 +129,8 @@ enum OpPurpose {
     TargetFinalFlush,
     Superblock(u64),
     AlGroup(u64),
+    AlPreFlush(u64),
+    AlPage,
     BitmapPage,
 }
 
@@ -467,6 +469,8 @@ impl Engine {
             OpPurpose::TargetFinalFlush => self.target_final_flush_done(result.is_ok()),
             OpPurpose::Superblock(seq) => self.superblock_done(seq),
             OpPurpose::AlGroup(seq) => self.al_group_part_done(seq),
+            OpPurpose::AlPreFlush(seq) => self.al_preflush_done(seq),
+            OpPurpose::AlPage => self.al_page_done(),
             OpPurpose::BitmapPage => {}
         }
         self.pump();

@@ -31,6 +31,9 @@ pub(super) struct Persist {
     pub sb_needed_for_writes: Option<u64>,
     /// An AL transaction group: (sequence, parts outstanding).
     al_group: Option<(u64, usize)>,
+    /// An evicting AL transaction waiting for its flush and bitmap pages.
+    al_staged: Option<AlTransaction>,
+    al_pages_left: usize,
     pub clean_shutdown: bool,
 }
 
@@ -45,6 +48,8 @@ impl Persist {
             sb_durable: sb.sequence,
             sb_needed_for_writes: None,
             al_group: None,
+            al_staged: None,
+            al_pages_left: 0,
             clean_shutdown: false,
         }
     }
@@ -118,7 +123,7 @@ impl Engine {
             .expect("page index from the bitmap itself");
         let offset_bytes = self.cfg.meta_layout.bitmap_page_offset(page);
         let purpose = match group {
-            Some(seq) => OpPurpose::AlGroup(seq),
+            Some(_) => OpPurpose::AlPage,
             None => OpPurpose::BitmapPage,
         };
         self.new_op(
@@ -130,26 +135,28 @@ impl Engine {
         );
     }
 
-    /// Persist an AL transaction; when extents leave the AL, the dirty bitmap
-    /// pages are written in the same group, and the transaction commits only
-    /// when every part of the group is durable.
+    /// Persist an AL transaction. When extents leave the AL, their data
+    /// must not depend on the AL any more: first the data disk is flushed
+    /// (completed writes to the leaving extents become durable), then the
+    /// dirty bitmap pages are written, and only then the AL block that drops
+    /// the extents. The transaction commits when that block is durable.
     pub(super) fn persist_al_transaction(&mut self, tx: AlTransaction) {
         assert!(
-            self.persist.al_group.is_none(),
+            self.persist.al_group.is_none() && self.persist.al_staged.is_none(),
             "one AL transaction at a time"
         );
         let seq = tx.sequence;
-        let mut parts = 1;
-        if !tx.evicted.is_empty() {
-            let pages = self.bitmap.take_dirty_pages();
-            parts += pages.len();
-            self.persist.al_group = Some((seq, parts));
-            for page in pages {
-                self.emit_bitmap_page(page, Some(seq));
-            }
+        if tx.evicted.is_empty() {
+            self.write_al_block(tx);
         } else {
-            self.persist.al_group = Some((seq, parts));
+            self.persist.al_staged = Some(tx);
+            self.new_op(OpPurpose::AlPreFlush(seq), DiskOp::Flush);
         }
+    }
+
+    fn write_al_block(&mut self, tx: AlTransaction) {
+        let seq = tx.sequence;
+        self.persist.al_group = Some((seq, 1));
         let offset_bytes = self.cfg.meta_layout.al_block_offset(tx.ring_slot);
         self.new_op(
             OpPurpose::AlGroup(seq),
@@ -158,6 +165,36 @@ impl Engine {
                 data: Bytes::from(tx.block),
             },
         );
+    }
+
+    /// The pre-eviction data flush finished: write the bitmap pages.
+    pub(super) fn al_preflush_done(&mut self, seq: u64) {
+        let pages = self.bitmap.take_dirty_pages();
+        if pages.is_empty() {
+            let tx = self
+                .persist
+                .al_staged
+                .take()
+                .expect("staged AL transaction");
+            return self.write_al_block(tx);
+        }
+        self.persist.al_pages_left = pages.len();
+        for page in pages {
+            self.emit_bitmap_page(page, Some(seq));
+        }
+    }
+
+    /// One bitmap page of an eviction finished; after the last, the AL block.
+    pub(super) fn al_page_done(&mut self) {
+        self.persist.al_pages_left -= 1;
+        if self.persist.al_pages_left == 0 {
+            let tx = self
+                .persist
+                .al_staged
+                .take()
+                .expect("staged AL transaction");
+            self.write_al_block(tx);
+        }
     }
 
     pub(super) fn al_group_part_done(&mut self, seq: u64) {

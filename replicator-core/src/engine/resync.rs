@@ -77,6 +77,10 @@ pub(super) struct VerifyState {
     pub next_key: u64,
     pub mismatched_bytes: u64,
     pub done: bool,
+    /// The driver is not Primary: the peer (which may be writing) reads
+    /// first, and the local read is queued when its reply arrives, behind
+    /// the mirrored writes that preceded the reply.
+    pub peer_first: bool,
 }
 
 fn digest(data: &[u8]) -> [u8; 32] {
@@ -588,6 +592,7 @@ impl Engine {
             next_key: 1,
             mismatched_bytes: 0,
             done: false,
+            peer_first: self.role != NodeRole::Primary,
         });
         self.set_repl(ReplState::VerifyS);
         self.verify_pump();
@@ -603,6 +608,7 @@ impl Engine {
             return;
         }
         let mut reqs = Vec::new();
+        let mut peer_first_reqs = Vec::new();
         while v.pending.len() < VERIFY_MAX_INFLIGHT_REQUESTS && v.cursor < size {
             let offset = v.cursor;
             let len = VERIFY_REQUEST_BYTES.min(size - offset);
@@ -610,6 +616,10 @@ impl Engine {
             let id = RequestId(v.next_id);
             v.next_id += 1;
             v.pending.insert(id, (offset, len, None, None));
+            if v.peer_first {
+                peer_first_reqs.push((id, offset, len));
+                continue;
+            }
             let key = v.next_key;
             v.next_key += 1;
             v.reads.insert(key, (id, offset, len, false));
@@ -627,6 +637,13 @@ impl Engine {
             }));
             return;
         }
+        for (id, offset, len) in peer_first_reqs {
+            self.send(Message::VerifyRequest {
+                id,
+                offset,
+                len_bytes: len as u32,
+            });
+        }
         for key in reqs {
             self.data_queue.push_back(DataItem::VerifyRead(key));
         }
@@ -639,7 +656,7 @@ impl Engine {
     pub(super) fn start_verify_read(&mut self, key: u64) {
         let v = self.verify.as_ref().expect("verify running");
         let (id, offset, len, reply) = v.reads[&key];
-        if !reply {
+        if !reply && !v.peer_first {
             self.send(Message::VerifyRequest {
                 id,
                 offset,
@@ -673,6 +690,7 @@ impl Engine {
                 next_key: 1,
                 mismatched_bytes: 0,
                 done: false,
+                peer_first: false,
             });
             self.set_repl(ReplState::VerifyT);
         }
@@ -721,6 +739,13 @@ impl Engine {
         match v.pending.get_mut(&id) {
             Some(p) if p.0 == offset && p.1 == u64::from(len) && p.3.is_none() => p.3 = Some(d),
             _ => return self.protocol_error(format!("unexpected VerifyReply {id}")),
+        }
+        if v.peer_first {
+            let key = v.next_key;
+            v.next_key += 1;
+            v.reads.insert(key, (id, offset, u64::from(len), false));
+            self.data_queue.push_back(DataItem::VerifyRead(key));
+            return self.pump_data_queue();
         }
         self.verify_compare(id);
     }

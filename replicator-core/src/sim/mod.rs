@@ -415,8 +415,9 @@ impl World {
             Output::Event(ev) => {
                 if let crate::engine::Event::VerifyDone { mismatched_bytes } = ev {
                     if mismatched_bytes > 0 {
+                        let diff = self.describe_differences();
                         return Err(self.fail(format!(
-                            "{name}: online verify found {mismatched_bytes} bytes differing between Established replicas"
+                            "{name}: online verify found {mismatched_bytes} bytes differing between Established replicas; {diff}"
                         )));
                     }
                 }
@@ -808,11 +809,16 @@ impl World {
                 self.crash(n)?;
                 if was_primary && peer_established && !self.split_brain_expected {
                     self.failover(1 - n)?;
+                } else if n == self.client_node {
+                    self.forget_unflushed(n);
                 }
             }
             Action::CrashTearingSuperblock(n) => {
                 self.nodes[n].tear_next_meta = true;
                 self.crash(n)?;
+                if n == self.client_node {
+                    self.forget_unflushed(n);
+                }
             }
             Action::Restart(n) => {
                 if self.nodes[n].engine.is_none() {
@@ -898,6 +904,28 @@ impl World {
         }
         self.schedule_client();
         Ok(())
+    }
+
+    /// The client's Primary crashed and nobody took over: it comes back
+    /// with what it had flushed, and its AL extents are resynced from it, so
+    /// acknowledged writes that were never flushed may be gone (ordinary
+    /// block-device semantics). From now on only flushed writes are owed.
+    fn forget_unflushed(&mut self, n: usize) {
+        let floor = self.nodes[n].durable_floor.clone();
+        self.log(format!(
+            "oracle: {} crashed without failover; owing only its {} flushed sectors",
+            self.nodes[n].name,
+            floor.len()
+        ));
+        self.oracle.acked = floor.clone();
+        let other = &mut self.nodes[1 - n].durable_floor;
+        other.retain(|s, w| match floor.get(s) {
+            Some(f) => {
+                *w = (*w).min(*f);
+                true
+            }
+            None => false,
+        });
     }
 
     /// If nobody is Primary, the client's node takes the role back (after a
@@ -1004,14 +1032,35 @@ impl World {
             && b.pending_disk_ops() == 0
     }
 
+    /// The first differing pages of the two replicas, with the write id each
+    /// side holds in the first differing sector.
+    fn describe_differences(&self) -> String {
+        let diff = self.nodes[0].data.differing_pages(&self.nodes[1].data);
+        let mut out = format!("{} pages differ", diff.len());
+        for page in diff.iter().take(4) {
+            let off = page * disk::SIM_PAGE_BYTES;
+            for k in 0..disk::SIM_PAGE_BYTES / ORACLE_SECTOR_BYTES {
+                let so = off + k * ORACLE_SECTOR_BYTES;
+                let a = self.nodes[0].data.read(so, ORACLE_SECTOR_BYTES);
+                let b = self.nodes[1].data.read(so, ORACLE_SECTOR_BYTES);
+                if a != b {
+                    out.push_str(&format!(
+                        "; byte {so}: alpha {:?} bravo {:?}",
+                        oracle::decode_sector(&a, so),
+                        oracle::decode_sector(&b, so)
+                    ));
+                    break;
+                }
+            }
+        }
+        out
+    }
+
     fn final_check(&mut self) -> Result<(), SimFailure> {
         let diff = self.nodes[0].data.differing_pages(&self.nodes[1].data);
         if !diff.is_empty() {
-            return Err(self.fail(format!(
-                "replicas differ after convergence in {} pages, first at byte {}",
-                diff.len(),
-                diff[0] * disk::SIM_PAGE_BYTES
-            )));
+            let d = self.describe_differences();
+            return Err(self.fail(format!("replicas differ after convergence: {d}")));
         }
         let p = self.client_node;
         let name = self.nodes[p].name;
