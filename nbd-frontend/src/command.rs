@@ -391,7 +391,9 @@ fn read_reply(h: &RequestHeader, p: &SessionParams, offset: u64, data: Bytes) ->
     } else if data.is_empty() {
         encode_none(h.cookie, &mut out.head);
     } else {
-        // One OFFSET_DATA chunk: never fragmented, so DF is always honoured.
+        // One OFFSET_DATA chunk: never fragmented, so DF is honoured for every
+        // read up to MAX_PAYLOAD_BYTES, beyond the DF_UNFRAGMENTED_BYTES the
+        // spec requires; EOVERFLOW is therefore never needed.
         encode_offset_data_header(
             h.cookie,
             REPLY_FLAG_DONE,
