@@ -58,6 +58,9 @@ pub const LINK_QUEUE_EVENTS: usize = 256;
 pub const CLIENT_QUEUE_REQUESTS: usize = 256;
 /// How long a clean stop may take before it gives up, in milliseconds.
 pub const SHUTDOWN_DRAIN_MS: u64 = 15_000;
+/// Progress-only status changes (resync progress, out-of-sync bytes) are
+/// published as events at most this often, in milliseconds.
+pub const PROGRESS_EVENT_INTERVAL_MS: u64 = 1_000;
 /// Longest a writer task gets to send the last frames at exit, in milliseconds.
 pub const LINK_CLOSE_GRACE_MS: u64 = 1_000;
 
@@ -336,6 +339,8 @@ pub async fn start(config: &Config, node_name: &str) -> Result<NodeHandle, RunEr
         ctx,
         events_tx,
         last_report,
+        last_publish: Instant::now(),
+        publish_pending: false,
         nbd_addr: node.nbd.clone(),
         activated,
         export: ExportConfig {
@@ -392,6 +397,9 @@ struct Runtime {
     ctx: StatusContext,
     events_tx: broadcast::Sender<ControlEvent>,
     last_report: StatusReport,
+    last_publish: Instant,
+    /// A progress change waits for its turn to be published.
+    publish_pending: bool,
     nbd_addr: crate::config::NbdAddress,
     activated: Vec<Arc<Listener>>,
     export: ExportConfig,
@@ -412,6 +420,7 @@ enum Wake {
     Client(ClientCall),
     NbdStopped,
     Deadline,
+    PublishDue,
     Shutdown,
     GiveUp,
 }
@@ -440,12 +449,14 @@ impl Runtime {
                 .link
                 .as_ref()
                 .is_some_and(|l| l.app_queued_bytes() > APP_LANE_HIGH_WATER_BYTES);
+            let publish_at = self.last_publish + Duration::from_millis(PROGRESS_EVENT_INTERVAL_MS);
             let wake = tokio::select! {
                 Some(ev) = internal_rx.recv() => Wake::Internal(ev),
                 Some(ev) = link_rx.recv() => Wake::Link(ev),
                 Some(call) = client_rx.recv(), if !congested => Wake::Client(call),
                 Some(_) = nbd_rx.recv() => Wake::NbdStopped,
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => Wake::Deadline,
+                _ = tokio::time::sleep_until(publish_at), if self.publish_pending => Wake::PublishDue,
                 _ = &mut shutdown, if self.stopping.is_none() => Wake::Shutdown,
                 _ = tokio::time::sleep_until(give_up_at.unwrap_or_else(Instant::now)), if give_up_at.is_some() => Wake::GiveUp,
             };
@@ -460,6 +471,7 @@ impl Runtime {
                 Wake::Client(call) => self.on_client(call),
                 Wake::NbdStopped => self.on_nbd_stopped(),
                 Wake::Deadline => self.apply(Input::Tick),
+                Wake::PublishDue => self.publish(),
                 Wake::Shutdown => {
                     info!("stopping: closing the NBD export, finishing in-flight I/O");
                     give_up_at = Some(Instant::now() + Duration::from_millis(SHUTDOWN_DRAIN_MS));
@@ -620,17 +632,30 @@ impl Runtime {
         info!(?ev, "state change");
     }
 
-    /// Publishes `change` events for what changed since the last step.
+    /// Publishes `change` events for what changed since the last
+    /// publication: state changes at once, progress at most every
+    /// [`PROGRESS_EVENT_INTERVAL_MS`].
     fn publish(&mut self) {
         let report = self.report();
-        if report != self.last_report {
-            let time = Timestamp::now().to_string();
-            for ev in change_events(&self.last_report, &report, &time) {
-                // No subscriber is fine.
-                let _ = self.events_tx.send(ev);
-            }
-            self.last_report = report;
+        if report == self.last_report {
+            return;
         }
+        let progress_only = without_progress(&report) == without_progress(&self.last_report);
+        let now = Instant::now();
+        if progress_only
+            && now < self.last_publish + Duration::from_millis(PROGRESS_EVENT_INTERVAL_MS)
+        {
+            self.publish_pending = true;
+            return;
+        }
+        self.publish_pending = false;
+        let time = Timestamp::now().to_string();
+        for ev in change_events(&self.last_report, &report, &time) {
+            // No subscriber is fine.
+            let _ = self.events_tx.send(ev);
+        }
+        self.last_report = report;
+        self.last_publish = now;
     }
 
     fn report(&mut self) -> StatusReport {
@@ -814,6 +839,17 @@ impl Runtime {
             let _ = reply.send(r);
         }
         self.publish();
+    }
+}
+
+/// `r` without the fields that change with every resync step or write.
+fn without_progress(r: &StatusReport) -> StatusReport {
+    StatusReport {
+        resync: None,
+        verify: None,
+        out_of_sync_bytes: 0,
+        resync_transferred_bytes: 0,
+        ..r.clone()
     }
 }
 

@@ -384,3 +384,52 @@ async fn different_disk_size_is_refused_and_status_says_why() {
     a.wait().await.unwrap();
     b.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stream_shows_the_peer_connecting_and_role_changes() {
+    // Proves `replctl events` on a real node: the initial dump over the
+    // control socket, then change lines when the peer connects and when the
+    // node is promoted.
+    use crate::control::client::{ControlClient, StreamItem};
+    use crate::control::protocol::{EventKind, EventObject};
+    let p = Pair::new();
+    let a = p.start("alpha").await;
+    let client = ControlClient::connect(&p.dir.path().join("alpha.ctl"))
+        .await
+        .unwrap();
+    let mut stream = client.subscribe().await.unwrap().unwrap();
+    let b = p.start("bravo").await;
+    let mut saw_connected = false;
+    let mut saw_primary = false;
+    let deadline = Instant::now() + Duration::from_millis(STATE_DEADLINE_MS);
+    while !(saw_connected && saw_primary) {
+        assert!(Instant::now() < deadline, "events missing");
+        let item = tokio::time::timeout(Duration::from_millis(STATE_DEADLINE_MS), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("stream open");
+        let StreamItem::Event(ev) = item else {
+            panic!("stream ended: {item:?}");
+        };
+        if ev.kind == EventKind::Change
+            && ev.object == EventObject::PeerDevice
+            && ev.fields.get("replication") == Some(&serde_json::json!("Established"))
+        {
+            saw_connected = true;
+            ok(a.request(Request::NewCurrentUuid { clear_bitmap: true })
+                .await);
+            ok(a.request(Request::Primary { force: false }).await);
+        }
+        if ev.kind == EventKind::Change
+            && ev.object == EventObject::Resource
+            && ev.fields.get("role") == Some(&serde_json::json!("Primary"))
+        {
+            saw_primary = true;
+        }
+    }
+    a.stop();
+    b.stop();
+    a.wait().await.unwrap();
+    b.wait().await.unwrap();
+}
