@@ -30,18 +30,36 @@ fn free_port() -> u16 {
 }
 
 impl Pair {
-    /// Two nodes with fresh metadata on sparse files.
+    /// Two nodes with fresh internal metadata on sparse files.
     fn new() -> Pair {
+        Pair::build(false)
+    }
+
+    /// Two nodes with fresh metadata in external files.
+    fn external() -> Pair {
+        Pair::build(true)
+    }
+
+    fn build(external: bool) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display().to_string();
+        let meta = |n: &str| {
+            if external {
+                format!("meta = \"{d}/{n}.md\"\n")
+            } else {
+                String::new()
+            }
+        };
         let text = format!(
             "resource = \"r0\"\nsecret = \"s3cret\"\nio_engine = \"sync\"\n\
              [nodes.alpha]\nreplication = \"127.0.0.1:{pa}\"\nnbd = \"unix:{d}/alpha.nbd\"\n\
-             control = \"{d}/alpha.ctl\"\ndisk = \"{d}/alpha.img\"\n\
+             control = \"{d}/alpha.ctl\"\ndisk = \"{d}/alpha.img\"\n{ma}\
              [nodes.bravo]\nreplication = \"127.0.0.1:{pb}\"\nnbd = \"unix:{d}/bravo.nbd\"\n\
-             control = \"{d}/bravo.ctl\"\ndisk = \"{d}/bravo.img\"\n",
+             control = \"{d}/bravo.ctl\"\ndisk = \"{d}/bravo.img\"\n{mb}",
             pa = free_port(),
             pb = free_port(),
+            ma = meta("alpha"),
+            mb = meta("bravo"),
         );
         let path = dir.path().join("r0.toml");
         std::fs::write(&path, text).unwrap();
@@ -427,6 +445,64 @@ async fn events_stream_shows_the_peer_connecting_and_role_changes() {
         {
             saw_primary = true;
         }
+    }
+    a.stop();
+    b.stop();
+    a.wait().await.unwrap();
+    b.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_is_detected_reported_and_nothing_is_overwritten() {
+    // Proves invariant 5 through the runtime: both nodes primary and
+    // writing while apart; on reconnect the split brain is detected, both
+    // stay StandAlone with split_brain in status, and neither replica is
+    // overwritten.
+    let p = Pair::new();
+    let (a, b) = p.up().await;
+    ok(a.request(Request::Disconnect).await);
+    ok(b.request(Request::Disconnect).await);
+    wait_for(&b, "bravo StandAlone", |s| {
+        s.connection == ConnectionState::StandAlone
+    })
+    .await;
+    ok(b.request(Request::Primary { force: false }).await);
+    a.target.write(0, pattern(0xA1, 4096), false).await.unwrap();
+    b.target.write(0, pattern(0xB2, 4096), false).await.unwrap();
+    ok(a.request(Request::Connect).await);
+    ok(b.request(Request::Connect).await);
+    for h in [&a, &b] {
+        let s = wait_for(h, "split brain reported", |s| {
+            s.split_brain && s.connection == ConnectionState::StandAlone
+        })
+        .await;
+        let why = s.last_refusal.unwrap_or_default();
+        assert!(why.contains("split brain"), "{why}");
+    }
+    assert_eq!(&p.data("alpha", 4096)[..], &pattern(0xA1, 4096)[..]);
+    assert_eq!(&p.data("bravo", 4096)[..], &pattern(0xB2, 4096)[..]);
+    a.stop();
+    b.stop();
+    a.wait().await.unwrap();
+    b.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_metadata_exports_the_whole_disk_and_replicates() {
+    // Proves the external-metadata path: the export is the whole backing
+    // file, metadata lives in its own file, writes reach both disks.
+    let p = Pair::external();
+    let (a, b) = p.up().await;
+    let s = a.status().await.unwrap();
+    assert_eq!(s.size_bytes, DISK_BYTES);
+    let data = pattern(0x3c, 8192);
+    a.target
+        .write(DISK_BYTES - 8192, data.clone(), true)
+        .await
+        .unwrap();
+    for n in ["alpha", "bravo"] {
+        assert!(p.data(n, DISK_BYTES)[(DISK_BYTES - 8192) as usize..] == data[..]);
+        assert!(p.dir.path().join(format!("{n}.md")).exists());
     }
     a.stop();
     b.stop();
