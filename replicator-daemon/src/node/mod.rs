@@ -754,15 +754,9 @@ impl Runtime {
                     admin_response(self.admin(AdminCommand::Secondary))
                 }
             }
+            Request::Resync => self.resync(),
             other => match admin_command(&other) {
-                Some(cmd) => {
-                    let r = admin_response(self.admin(cmd));
-                    if let (Request::Resync, Response::Ok { .. }) = (&other, &r) {
-                        self.resync_message(r)
-                    } else {
-                        r
-                    }
-                }
+                Some(cmd) => admin_response(self.admin(cmd)),
                 None => Response::error("This command is not carried out by the daemon."),
             },
         };
@@ -770,15 +764,29 @@ impl Runtime {
         let _ = reply.send(response);
     }
 
-    fn resync_message(&mut self, r: Response) -> Response {
+    /// `resync`: while connected and in sync as far as the link knows but
+    /// with blocks marked out of sync (after a verify), reconnect so the
+    /// handshake exchanges bitmaps and starts the resync; otherwise let the
+    /// engine (re)connect.
+    fn resync(&mut self) -> Response {
         let s = self.engine.status();
-        if s.connection == ConnState::Connected
-            && s.replication == ReplState::Established
-            && s.out_of_sync_bytes == 0
-        {
-            return Response::ok_with("nothing to resync: the replicas are in sync");
+        let connected = s.connection == ConnState::Connected;
+        if connected && s.replication == ReplState::Established {
+            if s.out_of_sync_bytes == 0 {
+                return Response::ok_with("nothing to resync: the replicas are in sync");
+            }
+            if let Err(e) = self.admin(AdminCommand::Disconnect) {
+                return admin_response(Err(e));
+            }
+            return match self.admin(AdminCommand::Connect) {
+                Ok(()) => Response::ok_with(format!(
+                    "resync of {} bytes starts after a reconnect",
+                    s.out_of_sync_bytes
+                )),
+                Err(e) => admin_response(Err(e)),
+            };
         }
-        r
+        admin_response(self.admin(AdminCommand::StartResync))
     }
 
     fn promote(&mut self, force: bool) -> Response {
