@@ -341,6 +341,7 @@ pub async fn start(config: &Config, node_name: &str) -> Result<NodeHandle, RunEr
         last_report,
         last_publish: Instant::now(),
         publish_pending: false,
+        resync_seen: None,
         nbd_addr: node.nbd.clone(),
         activated,
         export: ExportConfig {
@@ -400,6 +401,8 @@ struct Runtime {
     last_publish: Instant,
     /// A progress change waits for its turn to be published.
     publish_pending: bool,
+    /// When this node first saw the running resync, and its progress then.
+    resync_seen: Option<(Instant, u64)>,
     nbd_addr: crate::config::NbdAddress,
     activated: Vec<Arc<Listener>>,
     export: ExportConfig,
@@ -661,7 +664,26 @@ impl Runtime {
     fn report(&mut self) -> StatusReport {
         self.ctx.nbd = self.nbd.as_ref().map(|s| s.address.clone());
         self.ctx.nbd_clients = self.nbd.as_ref().map_or(0, nbd::NbdServer::clients);
-        status_report(&self.engine.status(), &self.ctx)
+        let mut status = self.engine.status();
+        // Rate and ETA measured here, on both sides of a resync: the
+        // engine's source side has no start time to measure from.
+        match status.resync.as_mut() {
+            None => self.resync_seen = None,
+            Some(p) => {
+                let (since, done0) = *self
+                    .resync_seen
+                    .get_or_insert((Instant::now(), p.done_bytes));
+                let elapsed_ms = since.elapsed().as_millis().max(1) as u64;
+                let moved = p.done_bytes.saturating_sub(done0);
+                p.rate_bytes_per_s = moved.saturating_mul(1000) / elapsed_ms;
+                p.eta_s = p
+                    .total_bytes
+                    .saturating_sub(p.done_bytes)
+                    .checked_div(p.rate_bytes_per_s)
+                    .unwrap_or(0);
+            }
+        }
+        status_report(&status, &self.ctx)
     }
 
     fn exec_disk(&self, op: OpId, kind: DiskOp) {

@@ -552,3 +552,50 @@ async fn verify_finds_a_damaged_block_and_resync_repairs_it() {
     a.wait().await.unwrap();
     b.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_resync_reports_a_sane_rate_on_both_sides() {
+    // Proves resync_rate pacing and the progress report: with a 2 MiB/s
+    // limit, both the source and the target report a rate near the limit
+    // (not the unmeasured source's absurd one) while it runs.
+    let p = Pair::new();
+    let cfg = variant(
+        &p,
+        "paced.toml",
+        "io_engine = \"sync\"\n",
+        "io_engine = \"sync\"\nresync_rate = \"2M\"\n",
+    );
+    let a = start(&cfg, "alpha").await.unwrap();
+    let b = start(&cfg, "bravo").await.unwrap();
+    established(&a).await;
+    ok(a.request(Request::NewCurrentUuid { clear_bitmap: true })
+        .await);
+    ok(a.request(Request::Primary { force: false }).await);
+    ok(a.request(Request::Disconnect).await);
+    a.target
+        .write(0, pattern(0x21, 3 * 1024 * 1024), false)
+        .await
+        .unwrap();
+    ok(a.request(Request::Connect).await);
+    let limit = 2 * 1024 * 1024;
+    for h in [&a, &b] {
+        let s = wait_for(h, "a measured resync rate", |s| {
+            s.resync
+                .is_some_and(|r| r.rate_bytes_per_s > 0 && r.done_bytes > 512 * 1024)
+        })
+        .await;
+        let r = s.resync.unwrap();
+        assert!(r.rate_bytes_per_s <= 2 * limit, "{r:?}");
+        assert!(r.eta_s.is_some(), "{r:?}");
+    }
+    for h in [&a, &b] {
+        wait_for(h, "resync done", |s| {
+            s.replication == ReplicationState::Established && s.out_of_sync_bytes == 0
+        })
+        .await;
+    }
+    a.stop();
+    b.stop();
+    a.wait().await.unwrap();
+    b.wait().await.unwrap();
+}
