@@ -325,11 +325,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     Parser { file: path }.config(table)
 }
 
+/// 1-based line and byte column of a byte offset (never panics).
 fn line_col(text: &str, byte: usize) -> (usize, usize) {
-    let before = &text[..byte.min(text.len())];
-    let line = before.matches('\n').count() + 1;
+    let before = &text.as_bytes()[..byte.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
     let column = before
-        .rfind('\n')
+        .iter()
+        .rposition(|&b| b == b'\n')
         .map_or(before.len(), |i| before.len() - i - 1)
         + 1;
     (line, column)
@@ -1136,6 +1138,29 @@ direct      = true
         let msg = e.to_string();
         assert!(msg.starts_with("/etc/replicator/vm1.toml:2:"), "{msg}");
         assert!(matches!(e, ConfigError::Syntax { line: 2, .. }));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+            // Proves any text is refused or accepted, never a panic.
+            let _ = parse_str(&text);
+        }
+
+        #[test]
+        fn mutated_valid_config_never_panics(pos in 0usize..400, junk in "[\\[\\]=\"a-z0-9.: \n]{0,12}") {
+            // Proves near-valid configs (the likeliest typos) never panic and
+            // any error is still one line.
+            let mut text = TWO_NODES.to_owned();
+            let mut at = pos.min(text.len());
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            text.insert_str(at, &junk);
+            if let Err(e) = parse_str(&text) {
+                proptest::prop_assert!(!e.to_string().contains('\n'), "{}", e);
+            }
+        }
     }
 
     #[test]

@@ -53,6 +53,12 @@ enum Request {
     },
 }
 
+/// One operation's length: larger buffers go in several operations (the
+/// rest is resubmitted like a short transfer).
+fn op_len(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
 /// An operation the kernel may be working on, with its buffer and progress.
 struct Slot {
     req: Request,
@@ -64,13 +70,13 @@ impl Slot {
         let e = match &mut self.req {
             Request::Read { offset, buf, .. } => {
                 let rest = &mut buf[self.done_bytes..];
-                opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32)
+                opcode::Read::new(fd, rest.as_mut_ptr(), op_len(rest.len()))
                     .offset(*offset + self.done_bytes as u64)
                     .build()
             }
             Request::Write { offset, data, .. } => {
                 let rest = &data[self.done_bytes..];
-                opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
+                opcode::Write::new(fd, rest.as_ptr(), op_len(rest.len()))
                     .offset(*offset + self.done_bytes as u64)
                     .build()
             }
