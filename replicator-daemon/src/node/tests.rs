@@ -599,3 +599,48 @@ async fn paced_resync_reports_a_sane_rate_on_both_sides() {
     a.wait().await.unwrap();
     b.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demotion_with_nbd_clients_needs_force_and_then_closes_them() {
+    // Proves the export follows the role: promotion serves NBD on the
+    // configured socket, demotion is refused while a client is connected,
+    // `--force` closes the client and stops the export.
+    use tokio::io::AsyncReadExt;
+    let p = Pair::new();
+    let (a, b) = p.up().await;
+    let sock = p.dir.path().join("alpha.nbd");
+    let mut client = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    wait_for(&a, "one NBD client", |s| s.nbd_clients == 1).await;
+    let r = a.request(Request::Secondary { force: false }).await;
+    match r {
+        Response::Error(e) => assert!(e.contains("connected") && e.contains("--force"), "{e}"),
+        other => panic!("demotion with a client must be refused: {other:?}"),
+    }
+    assert_eq!(a.status().await.unwrap().role, Role::Primary);
+    ok(a.request(Request::Secondary { force: true }).await);
+    let s = a.status().await.unwrap();
+    assert_eq!(
+        (s.role, s.nbd.as_deref(), s.nbd_clients),
+        (Role::Secondary, None, 0)
+    );
+    // The client's connection was closed (after the server's greeting).
+    let mut buf = vec![0u8; 4096];
+    let deadline = Instant::now() + Duration::from_millis(STATE_DEADLINE_MS);
+    loop {
+        let n = tokio::time::timeout_at(deadline, client.read(&mut buf))
+            .await
+            .expect("the client is closed in time")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+    }
+    assert!(!sock.exists(), "the NBD socket is removed with the export");
+    // Promotion serves again.
+    ok(a.request(Request::Primary { force: false }).await);
+    assert!(sock.exists());
+    a.stop();
+    b.stop();
+    a.wait().await.unwrap();
+    b.wait().await.unwrap();
+}
