@@ -147,17 +147,26 @@ pub fn open_engine(path: &Path, opts: EngineOptions) -> Result<AnyEngine, DiskEr
             direct: opts.direct,
         },
     )?);
-    let backend = match opts.io_engine {
+    let backend = choose_backend(&file, opts.io_engine, UringIo::new);
+    Ok(Engine::new(backend, file))
+}
+
+/// The I/O layer for `kind`; `Uring` falls back to sync when `make_uring` fails.
+fn choose_backend(
+    file: &Arc<BackingFile>,
+    kind: IoEngineKind,
+    make_uring: impl FnOnce(Arc<BackingFile>) -> std::io::Result<UringIo>,
+) -> Backend {
+    match kind {
         IoEngineKind::Sync => Backend::Sync(SyncIo::new(file.clone())),
-        IoEngineKind::Uring => match UringIo::new(file.clone()) {
+        IoEngineKind::Uring => match make_uring(file.clone()) {
             Ok(u) => Backend::Uring(u),
             Err(e) => {
-                tracing::warn!(error = %e, path = %path.display(), "io_uring is unavailable; using the sync engine");
+                tracing::warn!(error = %e, path = %file.path.display(), "io_uring is unavailable; using the sync engine");
                 Backend::Sync(SyncIo::new(file.clone()))
             }
         },
-    };
-    Ok(Engine::new(backend, file))
+    }
 }
 
 #[cfg(test)]

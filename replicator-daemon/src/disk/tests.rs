@@ -502,3 +502,26 @@ async fn uring_more_requests_than_slots_and_queue_all_complete() {
         .await
         .expect("test exceeded its time limit");
 }
+
+#[tokio::test]
+async fn uring_setup_failure_falls_back_to_the_sync_engine() {
+    // Proves io_engine = "uring" still serves (with the sync layer) when the
+    // ring cannot be set up, e.g. io_uring disabled by a sandbox.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let file = Arc::new(BackingFile::open(&path, OpenMode::default()).unwrap());
+    let backend = choose_backend(&file, IoEngineKind::Uring, |_| {
+        Err(std::io::Error::from_raw_os_error(libc::EPERM))
+    });
+    assert_eq!(backend.name(), "sync");
+    let engine = Engine::new(backend, file);
+    engine
+        .write(10, Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    assert_eq!(&engine.read(10, 5).await.unwrap()[..], b"hello");
+}
