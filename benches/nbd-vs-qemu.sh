@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Same work, same machine, same run: fio's nbd engine against qemu-nbd and
 # against replicatord (one node, no peer), each serving the same kind of
-# backing file with the host page cache bypassed (qemu-nbd --cache=none,
-# replicatord direct = true). Prints one table: row, qemu-nbd, ours, ratio.
+# backing file with the host page cache bypassed (qemu-nbd --cache=none
+# --aio=io_uring, replicatord direct = true). Both servers run side by side
+# and each workload runs on one then the other, alternating which goes first,
+# so drifting machine load hits both alike. Prints one table: workload,
+# qemu-nbd, ours, ratio ours/qemu-nbd.
 #
 #   benches/nbd-vs-qemu.sh
 #
@@ -36,9 +39,12 @@ if [ "$OURS" = replicatord ] && [ ! -x "$REPLICATORD" ]; then
 fi
 
 work=$(mktemp -d /var/tmp/nbd-bench.XXXXXX)
-server_pid=""
+pids=()
 cleanup() {
-    [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+    local pid
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+    done
     rm -rf "$work" "${shm_dir:-}"
 }
 trap cleanup EXIT
@@ -47,18 +53,18 @@ free_port() {
     $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# start_server KIND FILE PORT DIRECT(true|false)
+# start_server KIND SIDE FILE PORT DIRECT(true|false)
 start_server() {
-    local kind=$1 file=$2 port=$3 direct=$4
+    local kind=$1 side=$2 file=$3 port=$4 direct=$5
     case "$kind" in
     qemu-nbd)
         local cache=writeback aio=threads
         if [ "$direct" = true ]; then cache=none; aio=io_uring; fi
         qemu-nbd -f raw --cache=$cache --aio=$aio -e 4 -t -x vm1 \
-            -b 127.0.0.1 -p "$port" "$file" 2>"$work/$kind.log" &
+            -b 127.0.0.1 -p "$port" "$file" 2>"$work/$side.log" &
         ;;
     replicatord)
-        cat >"$work/vm1.toml" <<TOML
+        cat >"$work/$side.toml" <<TOML
 resource = "vm1"
 secret = "bench"
 direct = $direct
@@ -66,65 +72,64 @@ direct = $direct
 [nodes.alpha]
 replication = "127.0.0.1:$(free_port)"
 nbd = "127.0.0.1:$port"
-control = "$work/alpha.sock"
+control = "$work/$side.sock"
 disk = "$file"
-meta = "$work/alpha.meta"
+meta = "$work/$side.meta"
 TOML
-        "$REPLICATORD" --config "$work/vm1.toml" --node alpha 2>"$work/$kind.log" &
+        "$REPLICATORD" --config "$work/$side.toml" --node alpha 2>"$work/$side.log" &
         ;;
     esac
-    server_pid=$!
+    local pid=$!
+    pids+=("$pid")
     local deadline=$((SECONDS + START_TIMEOUT_S))
     until nbdinfo --size "nbd://127.0.0.1:$port/vm1" >/dev/null 2>&1; do
-        if ! kill -0 "$server_pid" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
+        if ! kill -0 "$pid" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
             echo "$kind did not start serving NBD:" >&2
-            cat "$work/$kind.log" >&2
+            cat "$work/$side.log" >&2
             exit 1
         fi
         sleep 0.1
     done
 }
 
-stop_server() {
-    kill "$server_pid"
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
+stop_servers() {
+    local pid
+    for pid in "${pids[@]}"; do
+        kill "$pid"
+        wait "$pid" 2>/dev/null || true
+    done
+    pids=()
 }
 
-# fio_job NAME URI ARGS... -> writes $work/NAME.json
+# fio_job SIDE NAME URI ARGS... -> writes $work/SIDE-NAME.json
 fio_job() {
-    local name=$1 uri=$2
-    shift 2
+    local side=$1 name=$2 uri=$3
+    shift 3
     fio --name="$name" --ioengine=nbd --uri="$uri" --size="${SIZE_MIB}m" \
         --time_based --runtime="$RUNTIME_S" --ramp_time=1 --norandommap \
-        --output-format=json --output="$work/$name.json" "$@" >/dev/null
+        --output-format=json --output="$work/$side-$name.json" "$@" >/dev/null
 }
 
-# run_all KIND SIDE FILE DIRECT -> $work/SIDE.results (row<TAB>value)
-run_all() {
-    local kind=$1 side=$2 file=$3 direct=$4
-    local port
-    port=$(free_port)
-    start_server "$kind" "$file" "$port" "$direct"
-    local uri="nbd://127.0.0.1:$port/vm1"
-    # Fill the export once so reads hit allocated data on both servers.
-    fio --name=fill --ioengine=nbd --uri="$uri" --size="${SIZE_MIB}m" --rw=write \
-        --bs=1m --iodepth=16 --output-format=json --output="$work/fill.json" >/dev/null
-    fio_job "$side-lat" "$uri" --rw=randwrite --bs=4k --iodepth=1
-    fio_job "$side-rw32" "$uri" --rw=randwrite --bs=4k --iodepth=32
-    fio_job "$side-rr32" "$uri" --rw=randread --bs=4k --iodepth=32
-    fio_job "$side-sw" "$uri" --rw=write --bs=1m --iodepth=16
-    fio_job "$side-sr" "$uri" --rw=read --bs=1m --iodepth=16
-    fio_job "$side-fsync" "$uri" --rw=randwrite --bs=4k --iodepth=1 --fsync=1
-    stop_server
-    $PY - "$work" "$side" >"$work/$side.results" <<'PY'
+# The workloads of DESIGN.md section 6: name and fio arguments.
+jobs=(
+    "lat --rw=randwrite --bs=4k --iodepth=1"
+    "rw32 --rw=randwrite --bs=4k --iodepth=32"
+    "rr32 --rw=randread --bs=4k --iodepth=32"
+    "sw --rw=write --bs=1m --iodepth=16"
+    "sr --rw=read --bs=1m --iodepth=16"
+    "fsync --rw=randwrite --bs=4k --iodepth=1 --fsync=1"
+)
+
+# results SIDE -> $work/SIDE.results (workload<TAB>value)
+results() {
+    $PY - "$work" "$1" >"$work/$1.results" <<'PY'
 import json, sys
-work, kind = sys.argv[1], sys.argv[2]
+work, side = sys.argv[1], sys.argv[2]
 def job(name):
-    with open("%s/%s-%s.json" % (work, kind, name)) as f:
+    with open("%s/%s-%s.json" % (work, side, name)) as f:
         j = json.load(f)["jobs"][0]
     if j["error"]:
-        sys.exit("fio job %s-%s failed with error %d" % (kind, name, j["error"]))
+        sys.exit("fio job %s-%s failed with error %d" % (side, name, j["error"]))
     return j
 lat = job("lat")["write"]
 rows = [
@@ -158,20 +163,40 @@ print("(latency rows: a ratio above 1 means slower; other rows: above 1 means fa
 PY
 }
 
+# bench_on LABEL DIR DIRECT
 bench_on() {
     local label=$1 dir=$2 direct=$3
-    local side kind
+    declare -A uri
+    local side kind port
     for side in base ours; do
         kind=qemu-nbd
         [ "$side" = ours ] && kind=$OURS
-        local file="$dir/$side.img"
         # An allocated (non-sparse) file, as a real backing disk would be.
-        dd if=/dev/zero of="$file" bs=1M count="$SIZE_MIB" status=none
-        run_all "$kind" "$side" "$file" "$direct"
-        rm -f "$file"
+        dd if=/dev/zero of="$dir/$side.img" bs=1M count="$SIZE_MIB" status=none
+        port=$(free_port)
+        start_server "$kind" "$side" "$dir/$side.img" "$port" "$direct"
+        uri[$side]="nbd://127.0.0.1:$port/vm1"
+        # Write the whole export once so reads hit written data.
+        fio --name=fill --ioengine=nbd --uri="${uri[$side]}" --size="${SIZE_MIB}m" \
+            --rw=write --bs=1m --iodepth=16 --output-format=json \
+            --output="$work/$side-fill.json" >/dev/null
     done
+    local i=0 job name order
+    for job in "${jobs[@]}"; do
+        read -r name args <<<"$job"
+        order="base ours"
+        [ $((i % 2)) = 1 ] && order="ours base"
+        for side in $order; do
+            # shellcheck disable=SC2086 # args is a list of fio options
+            fio_job "$side" "$name" "${uri[$side]}" $args
+        done
+        i=$((i + 1))
+    done
+    stop_servers
+    results base
+    results ours
     table "$label"
-    rm -f "$work"/*.results
+    rm -f "$work"/*.results "$work"/*.json "$dir/base.img" "$dir/ours.img"
 }
 
 echo "fio nbd engine, ${RUNTIME_S}s per job, ${SIZE_MIB} MiB export, $(nproc) CPUs, $(date -u +%F)"
