@@ -13,6 +13,7 @@
 //!
 //! `resync_rate` is bytes per second: an integer, or a string of digits with
 //! an optional binary suffix `K`, `M` or `G` (`"100M"` = 100 MiB/s).
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::fmt;

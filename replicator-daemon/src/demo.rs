@@ -6,6 +6,7 @@
 //! sibling `replicatord` binary in its own process group (so Ctrl-C reaches
 //! only `replctl`, which then stops the daemon with SIGTERM), and cleaning
 //! up. It must not serve anything itself: the daemon does.
+#![forbid(unsafe_code)]
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

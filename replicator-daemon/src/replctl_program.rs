@@ -3,6 +3,7 @@
 //!
 //! Owns only parsing and dispatch; `src/bin/replctl.rs` calls [`main`]. It
 //! must not carry out any command itself.
+#![forbid(unsafe_code)]
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -7,6 +7,7 @@
 //! let in-flight requests finish, fdatasync the disk, exit 0). It must not
 //! implement NBD (nbd-frontend does) or disk I/O (the `disk` module does);
 //! `src/bin/replicatord.rs` only calls [`main`].
+#![forbid(unsafe_code)]
 
 use std::future::Future;
 use std::io;

@@ -6,6 +6,7 @@
 //! zero without writing. It must not do I/O itself (the engine does) and
 //! knows nothing about replication: the replicated path will put the
 //! replication engine between the NBD server and the disk instead.
+#![forbid(unsafe_code)]
 
 use bytes::{Bytes, BytesMut};
 use nbd_frontend::{BlockTarget, Extent, TargetError, TargetFlags};

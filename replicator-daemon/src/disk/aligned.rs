@@ -6,6 +6,7 @@
 //! over-allocating and advancing to the first aligned byte, so no allocator
 //! tricks and no `unsafe` are needed, and it converts to `BytesMut`/`Bytes`
 //! without a copy. This module does no I/O.
+#![forbid(unsafe_code)]
 
 use bytes::{Buf, Bytes, BytesMut};
 

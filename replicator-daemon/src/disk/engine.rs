@@ -12,6 +12,7 @@
 //! other and neither's bytes are lost to the other's read-modify-write.
 //! Without `direct` no locks are taken: pwrite of distinct bytes never
 //! interferes.
+#![forbid(unsafe_code)]
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};

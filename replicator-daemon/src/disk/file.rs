@@ -5,6 +5,7 @@
 //! zero range) and SEEK_DATA/SEEK_HOLE. It must not be called on an async
 //! thread for those blocking calls: the engine runs them on tokio's blocking
 //! pool. Reads and writes are not done here but by the engines.
+#![forbid(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};

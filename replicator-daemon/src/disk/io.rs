@@ -5,6 +5,7 @@
 //! run-time choice between it and the io_uring one. It does not check ranges
 //! or alignment: the engine above does, so a buffer handed down here is
 //! already aligned when the file was opened with O_DIRECT.
+#![forbid(unsafe_code)]
 
 use std::future::Future;
 use std::io;

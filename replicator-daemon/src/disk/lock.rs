@@ -5,6 +5,7 @@
 //! flight, so the table is bounded by the callers' own in-flight limits (the
 //! NBD server's per-connection window); waiters are woken on every release
 //! and re-check. It does no I/O.
+#![forbid(unsafe_code)]
 
 use std::sync::Mutex;
 
