@@ -1,0 +1,650 @@
+//! Per-handler tests of the engine: feed inputs, assert the exact outputs.
+//! A small harness builds engines from `create-md` metadata and, where a
+//! connected pair is needed, shuttles frames between two engines.
+use bytes::Bytes;
+use replicator_core::activity_log::{AlRecovery, MIN_AL_EXTENTS};
+use replicator_core::bitmap::{Bitmap, DEFAULT_BITMAP_BLOCK_BYTES};
+use replicator_core::engine::{
+    AdminCommand, AdminError, ClientError, ClientId, ClientRequest, ConnState, DiskOp, Engine,
+    EngineConfig, Event, Input, LoadedMetadata, OpId, Output, ReplState, SimFault, Time,
+};
+use replicator_core::generation::SplitBrainPolicy;
+use replicator_core::metadata::{self, MetadataLayout};
+use replicator_core::types::{DiskState, NodeRole, ProtocolMode, RequestId};
+use replicator_core::wire::{Message, WireError};
+
+const DISK_BYTES: u64 = 16 * 1024 * 1024;
+
+fn layout() -> MetadataLayout {
+    MetadataLayout::external(
+        DISK_BYTES,
+        8 << 20,
+        DEFAULT_BITMAP_BLOCK_BYTES,
+        MIN_AL_EXTENTS,
+    )
+    .expect("layout")
+}
+
+fn engine(node: &str, peer: &str, protocol: ProtocolMode, secret: &[u8]) -> Engine {
+    let l = layout();
+    let created = metadata::create(&l, "r", node, MIN_AL_EXTENTS).expect("create-md");
+    let cfg = EngineConfig {
+        resource: "r".into(),
+        node: node.into(),
+        peer: peer.into(),
+        size_bytes: l.data_size_bytes,
+        bitmap_block_bytes: l.bitmap_block_bytes,
+        protocol,
+        secret: secret.to_vec(),
+        split_brain: SplitBrainPolicy::Disconnect,
+        al_extents: MIN_AL_EXTENTS,
+        meta_layout: l,
+        resync_rate_bytes_per_s: None,
+        sim_fault: SimFault::None,
+    };
+    let meta = LoadedMetadata {
+        superblock: created.superblock,
+        superblock_slot: 0,
+        bitmap: Bitmap::new(l.data_size_bytes, l.bitmap_block_bytes).expect("bitmap"),
+        al: AlRecovery {
+            last_sequence: 0,
+            capacity: MIN_AL_EXTENTS,
+            slots: vec![None; MIN_AL_EXTENTS as usize],
+            next_context_start: 0,
+        },
+    };
+    let mut e = Engine::new(cfg, meta, 7).expect("engine");
+    settle_meta(&mut e);
+    e
+}
+
+fn drain(e: &mut Engine) -> Vec<Output> {
+    std::iter::from_fn(|| e.poll_output()).collect()
+}
+
+/// Complete every metadata write (repeatedly); return the other outputs.
+fn settle_meta(e: &mut Engine) -> Vec<Output> {
+    let mut rest = Vec::new();
+    loop {
+        let outs = drain(e);
+        if outs.is_empty() {
+            return rest;
+        }
+        for o in outs {
+            match o {
+                Output::Disk {
+                    op,
+                    kind: DiskOp::MetaWrite { .. },
+                } => e.handle(
+                    Time(0),
+                    Input::DiskDone {
+                        op,
+                        result: Ok(Bytes::new()),
+                    },
+                ),
+                other => rest.push(other),
+            }
+        }
+    }
+}
+
+fn disk_ops(outs: &[Output]) -> Vec<(OpId, DiskOp)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Disk { op, kind } => Some((*op, kind.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sent(outs: &[Output]) -> Vec<Message> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Send(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn completions(outs: &[Output]) -> Vec<(ClientId, Result<Bytes, ClientError>)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Complete { id, result } => Some((*id, result.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn done(e: &mut Engine, op: OpId) -> Vec<Output> {
+    e.handle(
+        Time(0),
+        Input::DiskDone {
+            op,
+            result: Ok(Bytes::new()),
+        },
+    );
+    settle_meta(e)
+}
+
+/// Two engines connected through a perfect link: frames are delivered,
+/// data disk ops completed (reads return zeroes), until nothing moves.
+struct Pair {
+    a: Engine,
+    b: Engine,
+}
+
+impl Pair {
+    fn new(protocol: ProtocolMode) -> Pair {
+        let mut p = Pair {
+            a: engine("alpha", "bravo", protocol, b"s"),
+            b: engine("bravo", "alpha", protocol, b"s"),
+        };
+        for e in [&mut p.a, &mut p.b] {
+            e.handle(Time(0), Input::Admin(AdminCommand::Connect));
+            e.handle(Time(0), Input::Connected);
+        }
+        p.run(&mut Vec::new(), &mut Vec::new());
+        assert_eq!(p.a.status().replication, ReplState::Established);
+        p.a.handle(
+            Time(0),
+            Input::Admin(AdminCommand::NewCurrentUuid { clear_bitmap: true }),
+        );
+        p.run(&mut Vec::new(), &mut Vec::new());
+        p.a.handle(
+            Time(0),
+            Input::Admin(AdminCommand::Primary { force: false }),
+        );
+        p.run(&mut Vec::new(), &mut Vec::new());
+        assert_eq!(p.a.role(), NodeRole::Primary);
+        assert_eq!(p.b.disk_state(), DiskState::UpToDate);
+        p
+    }
+
+    /// Shuttle frames and complete every disk op; collect other outputs.
+    fn run(&mut self, a_out: &mut Vec<Output>, b_out: &mut Vec<Output>) {
+        for _ in 0..10_000 {
+            let (oa, ob) = (drain(&mut self.a), drain(&mut self.b));
+            if oa.is_empty() && ob.is_empty() {
+                return;
+            }
+            for (outs, me, keep) in [(oa, 0, &mut *a_out), (ob, 1, &mut *b_out)] {
+                for o in outs {
+                    let (this, other) = if me == 0 {
+                        (&mut self.a, &mut self.b)
+                    } else {
+                        (&mut self.b, &mut self.a)
+                    };
+                    match o {
+                        Output::Send(m) => other.handle(Time(0), Input::PeerFrame(m)),
+                        Output::Disk { op, kind } => {
+                            let data = match kind {
+                                DiskOp::Read { len_bytes, .. } => {
+                                    Bytes::from(vec![0u8; len_bytes as usize])
+                                }
+                                _ => Bytes::new(),
+                            };
+                            this.handle(
+                                Time(0),
+                                Input::DiskDone {
+                                    op,
+                                    result: Ok(data),
+                                },
+                            );
+                        }
+                        other_out => keep.push(other_out),
+                    }
+                }
+            }
+        }
+        panic!("pair did not settle");
+    }
+}
+
+#[test]
+fn disconnected_primary_write_persists_new_uuid_and_al_then_sets_out_of_sync_bit() {
+    // A disconnected Primary: the write waits for the new generation's
+    // superblock and the AL transaction, then writes locally, completes on
+    // the local result and leaves its block marked out of sync.
+    let mut e = engine("alpha", "bravo", ProtocolMode::C, b"s");
+    e.handle(Time(0), Input::Admin(AdminCommand::Primary { force: true }));
+    settle_meta(&mut e);
+    let before = e.generation_uuids().current;
+    e.handle(
+        Time(0),
+        Input::Client {
+            id: ClientId(1),
+            request: ClientRequest::Write {
+                offset: 8192,
+                data: Bytes::from(vec![7u8; 4096]),
+                fua: false,
+            },
+        },
+    );
+    let first = drain(&mut e);
+    let metas = disk_ops(&first)
+        .into_iter()
+        .filter(|(_, k)| matches!(k, DiskOp::MetaWrite { .. }))
+        .count();
+    assert!(
+        metas >= 2,
+        "superblock + AL before the data write: {first:?}"
+    );
+    assert!(!disk_ops(&first)
+        .iter()
+        .any(|(_, k)| matches!(k, DiskOp::Write { .. })));
+    for (op, _) in disk_ops(&first) {
+        e.handle(
+            Time(0),
+            Input::DiskDone {
+                op,
+                result: Ok(Bytes::new()),
+            },
+        );
+    }
+    let outs = settle_meta(&mut e);
+    let writes = disk_ops(&outs);
+    assert_eq!(writes.len(), 1);
+    assert_eq!(
+        writes[0].1,
+        DiskOp::Write {
+            offset: 8192,
+            data: Bytes::from(vec![7u8; 4096]),
+            fua: false
+        }
+    );
+    assert_ne!(e.generation_uuids().current, before, "new generation");
+    assert_eq!(e.generation_uuids().bitmap, before);
+    let outs = done(&mut e, writes[0].0);
+    assert_eq!(completions(&outs), vec![(ClientId(1), Ok(Bytes::new()))]);
+    assert_eq!(e.status().out_of_sync_bytes, 4096);
+}
+
+fn write_req(id: u64, offset: u64, fua: bool) -> Input {
+    Input::Client {
+        id: ClientId(id),
+        request: ClientRequest::Write {
+            offset,
+            data: Bytes::from(vec![id as u8; 4096]),
+            fua,
+        },
+    }
+}
+
+#[test]
+fn protocol_c_write_completes_only_after_local_write_and_peer_write_ack() {
+    // Invariant 1: neither the local completion nor the peer ack alone
+    // completes the write; both together do, with no out-of-sync bit.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.a.handle(Time(0), write_req(5, 0, true));
+    let outs = settle_meta(&mut p.a);
+    let ops = disk_ops(&outs);
+    assert_eq!(ops.len(), 1);
+    assert!(matches!(
+        ops[0].1,
+        DiskOp::Write {
+            offset: 0,
+            fua: true,
+            ..
+        }
+    ));
+    let frames = sent(&outs);
+    let Message::Write {
+        id,
+        offset: 0,
+        flags,
+        len_bytes: 4096,
+        ..
+    } = frames[0].clone()
+    else {
+        panic!("expected a mirrored Write, got {frames:?}");
+    };
+    assert_eq!(flags & replicator_core::wire::WRITE_FLAG_FUA, 1);
+    assert!(
+        completions(&done(&mut p.a, ops[0].0)).is_empty(),
+        "local alone"
+    );
+    p.a.handle(
+        Time(0),
+        Input::PeerFrame(Message::WriteAck { id, error: 0 }),
+    );
+    assert_eq!(
+        completions(&drain(&mut p.a)),
+        vec![(ClientId(5), Ok(Bytes::new()))]
+    );
+    assert_eq!(p.a.status().out_of_sync_bytes, 0);
+}
+
+#[test]
+fn protocol_c_peer_ack_before_local_completion_still_waits_for_local() {
+    // The other order: WriteAck first, then the local completion.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.a.handle(Time(0), write_req(6, 4096, false));
+    let outs = settle_meta(&mut p.a);
+    let Message::Write { id, .. } = sent(&outs)[0].clone() else {
+        panic!()
+    };
+    p.a.handle(
+        Time(0),
+        Input::PeerFrame(Message::WriteAck { id, error: 0 }),
+    );
+    assert!(completions(&drain(&mut p.a)).is_empty());
+    let op = disk_ops(&outs)[0].0;
+    assert_eq!(
+        completions(&done(&mut p.a, op)),
+        vec![(ClientId(6), Ok(Bytes::new()))]
+    );
+}
+
+#[test]
+fn protocol_b_completes_on_recv_ack_and_protocol_a_on_local_completion() {
+    // B: local + RecvAck; A: local + frame queued.
+    let mut p = Pair::new(ProtocolMode::B);
+    p.a.handle(Time(0), write_req(1, 0, false));
+    let outs = settle_meta(&mut p.a);
+    let Message::Write { id, .. } = sent(&outs)[0].clone() else {
+        panic!()
+    };
+    assert!(completions(&done(&mut p.a, disk_ops(&outs)[0].0)).is_empty());
+    p.a.handle(Time(0), Input::PeerFrame(Message::RecvAck { id }));
+    assert_eq!(completions(&drain(&mut p.a)).len(), 1);
+
+    let mut p = Pair::new(ProtocolMode::A);
+    p.a.handle(Time(0), write_req(2, 0, false));
+    let outs = settle_meta(&mut p.a);
+    assert_eq!(sent(&outs).len(), 1);
+    assert_eq!(completions(&done(&mut p.a, disk_ops(&outs)[0].0)).len(), 1);
+}
+
+#[test]
+fn flush_completes_only_after_local_flush_and_barrier_ack() {
+    // Invariant 3: a FLUSH sends a Barrier and flushes locally; it completes
+    // only when both are done.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.a.handle(
+        Time(0),
+        Input::Client {
+            id: ClientId(9),
+            request: ClientRequest::Flush,
+        },
+    );
+    let outs = drain(&mut p.a);
+    let Message::Barrier { id } = sent(&outs)[0].clone() else {
+        panic!("expected a Barrier, got {outs:?}");
+    };
+    let ops = disk_ops(&outs);
+    assert_eq!(ops.len(), 1);
+    assert_eq!(ops[0].1, DiskOp::Flush);
+    assert!(completions(&done(&mut p.a, ops[0].0)).is_empty());
+    p.a.handle(
+        Time(0),
+        Input::PeerFrame(Message::BarrierAck { id, error: 0 }),
+    );
+    assert_eq!(
+        completions(&drain(&mut p.a)),
+        vec![(ClientId(9), Ok(Bytes::new()))]
+    );
+}
+
+#[test]
+fn secondary_answers_barrier_only_after_earlier_writes_and_a_flush() {
+    // The peer side of a barrier: writes received before it complete, then
+    // a local flush, then BarrierAck.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.b.handle(
+        Time(0),
+        Input::PeerFrame(Message::Write {
+            id: RequestId(1000),
+            offset: 0,
+            flags: 0,
+            len_bytes: 4096,
+            data: Bytes::from(vec![1u8; 4096]),
+        }),
+    );
+    p.b.handle(
+        Time(0),
+        Input::PeerFrame(Message::Barrier {
+            id: RequestId(1001),
+        }),
+    );
+    let outs = drain(&mut p.b);
+    let ops = disk_ops(&outs);
+    assert_eq!(ops.len(), 1, "only the write, no flush yet: {outs:?}");
+    let outs = done(&mut p.b, ops[0].0);
+    assert_eq!(
+        sent(&outs)[0],
+        Message::WriteAck {
+            id: RequestId(1000),
+            error: 0
+        }
+    );
+    let flush = disk_ops(&outs);
+    assert_eq!(flush.len(), 1);
+    assert_eq!(flush[0].1, DiskOp::Flush);
+    let outs = done(&mut p.b, flush[0].0);
+    assert_eq!(
+        sent(&outs),
+        vec![Message::BarrierAck {
+            id: RequestId(1001),
+            error: 0
+        }]
+    );
+}
+
+#[test]
+fn overlapping_write_waits_for_the_earlier_one() {
+    // Invariant 2: a later overlapping write is not started (locally or on
+    // the wire) until the earlier one completed locally.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.a.handle(Time(0), write_req(1, 0, false));
+    let first = settle_meta(&mut p.a);
+    p.a.handle(Time(0), write_req(2, 2048, false));
+    let second = settle_meta(&mut p.a);
+    assert!(
+        disk_ops(&second).is_empty() && sent(&second).is_empty(),
+        "{second:?}"
+    );
+    let outs = done(&mut p.a, disk_ops(&first)[0].0);
+    assert_eq!(disk_ops(&outs).len(), 1);
+    assert!(matches!(
+        sent(&outs)[0],
+        Message::Write { offset: 2048, .. }
+    ));
+}
+
+#[test]
+fn duplicated_mirrored_write_is_a_protocol_error_that_drops_the_link() {
+    // A Write with an id not above the last one (a duplicate) closes the
+    // link instead of being applied twice.
+    let mut p = Pair::new(ProtocolMode::C);
+    let w = Message::Write {
+        id: RequestId(500),
+        offset: 0,
+        flags: 0,
+        len_bytes: 512,
+        data: Bytes::from(vec![1u8; 512]),
+    };
+    p.b.handle(Time(0), Input::PeerFrame(w.clone()));
+    drain(&mut p.b);
+    p.b.handle(Time(0), Input::PeerFrame(w));
+    let outs = drain(&mut p.b);
+    assert!(
+        outs.iter().any(|o| matches!(o, Output::CloseLink { .. })),
+        "{outs:?}"
+    );
+    assert_eq!(p.b.status().connection, ConnState::Connecting);
+    assert_eq!(p.b.status().replication, ReplState::Off);
+}
+
+#[test]
+fn undecodable_frame_drops_link_and_marks_in_flight_write_out_of_sync() {
+    // Invariant 7: a corrupt frame closes the link; the write waiting for
+    // the peer completes on the local result with its block marked.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.a.handle(Time(0), write_req(3, 65536, false));
+    let outs = settle_meta(&mut p.a);
+    p.a.handle(
+        Time(0),
+        Input::PeerFrameError(WireError::BadMagic { found: 0xdead_beef }),
+    );
+    let closed = drain(&mut p.a);
+    assert!(closed.iter().any(|o| matches!(o, Output::CloseLink { .. })));
+    assert_eq!(completions(&done(&mut p.a, disk_ops(&outs)[0].0)).len(), 1);
+    assert_eq!(p.a.status().out_of_sync_bytes, 4096);
+}
+
+#[test]
+fn frame_before_authentication_is_refused() {
+    // A data frame on a fresh connection, before Hello/auth: link dropped.
+    let mut e = engine("alpha", "bravo", ProtocolMode::C, b"s");
+    e.handle(Time(0), Input::Admin(AdminCommand::Connect));
+    e.handle(Time(0), Input::Connected);
+    drain(&mut e);
+    e.handle(
+        Time(0),
+        Input::PeerFrame(Message::WriteAck {
+            id: RequestId(1),
+            error: 0,
+        }),
+    );
+    let outs = drain(&mut e);
+    assert!(
+        outs.iter().any(|o| matches!(o, Output::CloseLink { .. })),
+        "{outs:?}"
+    );
+}
+
+#[test]
+fn wrong_secret_is_refused_and_goes_standalone() {
+    // Mutual HMAC authentication: a peer with another secret is refused.
+    let mut a = engine("alpha", "bravo", ProtocolMode::C, b"right");
+    let mut b = engine("bravo", "alpha", ProtocolMode::C, b"wrong");
+    for e in [&mut a, &mut b] {
+        e.handle(Time(0), Input::Admin(AdminCommand::Connect));
+        e.handle(Time(0), Input::Connected);
+    }
+    let mut outs_a = Vec::new();
+    for _ in 0..10 {
+        for m in sent(&drain(&mut b)) {
+            a.handle(Time(0), Input::PeerFrame(m));
+        }
+        let oa = drain(&mut a);
+        for m in sent(&oa) {
+            b.handle(Time(0), Input::PeerFrame(m));
+        }
+        outs_a.extend(oa);
+    }
+    assert!(outs_a.iter().any(|o| matches!(
+        o,
+        Output::Send(Message::Refuse {
+            reason: replicator_core::wire::RefuseReason::WrongSecret,
+            ..
+        })
+    )));
+    assert_eq!(a.status().connection, ConnState::StandAlone);
+}
+
+#[test]
+fn inconsistent_node_refuses_primary_unless_forced() {
+    // Invariant 6: stale data is not promoted without --force.
+    let mut e = engine("alpha", "bravo", ProtocolMode::C, b"s");
+    assert_eq!(e.disk_state(), DiskState::Inconsistent);
+    e.handle(
+        Time(0),
+        Input::Admin(AdminCommand::Primary { force: false }),
+    );
+    let outs = drain(&mut e);
+    assert!(
+        outs.contains(&Output::AdminResult(Err(AdminError::StaleData {
+            disk: DiskState::Inconsistent
+        })))
+    );
+    assert_eq!(e.role(), NodeRole::Secondary);
+    e.handle(Time(0), Input::Admin(AdminCommand::Primary { force: true }));
+    let outs = settle_meta(&mut e);
+    assert!(outs.contains(&Output::AdminResult(Ok(()))));
+    assert_eq!(e.role(), NodeRole::Primary);
+    assert_eq!(e.disk_state(), DiskState::UpToDate);
+}
+
+#[test]
+fn promotion_refused_while_peer_is_primary() {
+    // Single-primary: the Secondary cannot be promoted while the peer is.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.b.handle(Time(0), Input::Admin(AdminCommand::Primary { force: true }));
+    assert!(drain(&mut p.b).contains(&Output::AdminResult(Err(AdminError::PeerIsPrimary))));
+}
+
+#[test]
+fn secondary_refuses_client_io_and_out_of_range_write_is_rejected() {
+    // Only the Primary serves; bad ranges get a clear error, never a panic.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.b.handle(Time(0), write_req(1, 0, false));
+    assert_eq!(
+        completions(&drain(&mut p.b)),
+        vec![(ClientId(1), Err(ClientError::NotPrimary))]
+    );
+    let size = p.a.status().size_bytes;
+    p.a.handle(Time(0), write_req(2, size - 512, false));
+    assert_eq!(
+        completions(&drain(&mut p.a)),
+        vec![(ClientId(2), Err(ClientError::OutOfRange))]
+    );
+    p.a.handle(
+        Time(0),
+        Input::Client {
+            id: ClientId(3),
+            request: ClientRequest::Read {
+                offset: u64::MAX - 10,
+                len_bytes: 4096,
+            },
+        },
+    );
+    assert_eq!(
+        completions(&drain(&mut p.a)),
+        vec![(ClientId(3), Err(ClientError::OutOfRange))]
+    );
+}
+
+#[test]
+fn reconnect_after_disconnected_writes_resyncs_exactly_the_dirty_blocks() {
+    // Invariant 4: writes while disconnected are resynced on reconnect (the
+    // Primary is SyncSource, bravo SyncTarget), and both end at zero bits.
+    let mut p = Pair::new(ProtocolMode::C);
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Disconnected);
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    p.a.handle(Time(0), write_req(1, 0, false));
+    p.a.handle(Time(0), write_req(2, 1 << 20, false));
+    p.run(&mut Vec::new(), &mut Vec::new());
+    assert_eq!(p.a.status().out_of_sync_bytes, 8192);
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Connected);
+    }
+    let (mut oa, mut ob) = (Vec::new(), Vec::new());
+    p.run(&mut oa, &mut ob);
+    assert!(ob.contains(&Output::Event(Event::Replication(ReplState::SyncTarget))));
+    assert!(oa.contains(&Output::Event(Event::Replication(ReplState::SyncSource))));
+    assert_eq!(p.a.status().replication, ReplState::Established);
+    assert_eq!(p.b.status().replication, ReplState::Established);
+    assert_eq!(p.a.status().out_of_sync_bytes, 0);
+    assert_eq!(p.b.status().out_of_sync_bytes, 0);
+    assert!(replicator_core::generation::same_generation(
+        p.a.generation_uuids().current,
+        p.b.generation_uuids().current
+    ));
+    assert_eq!(p.a.generation_uuids().bitmap, 0, "source stops tracking");
+}
+
+#[test]
+fn online_verify_of_identical_replicas_reports_zero_mismatches() {
+    // Verify compares digests block range by block range.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.a.handle(Time(0), Input::Admin(AdminCommand::Verify));
+    let mut oa = Vec::new();
+    p.run(&mut oa, &mut Vec::new());
+    assert!(oa.contains(&Output::Event(Event::VerifyDone {
+        mismatched_bytes: 0
+    })));
+    assert_eq!(p.a.status().replication, ReplState::Established);
+}
