@@ -153,7 +153,7 @@ impl Engine {
                     );
                 }
                 if bitmap_block_bytes != self.cfg.bitmap_block_bytes {
-                    return self.refuse(
+                    self.refuse(
                         RefuseReason::BitmapBlockMismatch,
                         format!(
                             "peer tracks {bitmap_block_bytes} bytes per bit, we track {}",

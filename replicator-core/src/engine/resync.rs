@@ -64,6 +64,9 @@ pub(super) struct SourceState {
     pub done_bytes: u64,
 }
 
+/// A verify request: (offset, len, my digest, peer digest).
+pub(super) type VerifyPending = (u64, u64, Option<[u8; 32]>, Option<[u8; 32]>);
+
 #[derive(Debug)]
 pub(super) struct VerifyState {
     /// I drive the verify (VerifyS).
@@ -71,7 +74,7 @@ pub(super) struct VerifyState {
     pub cursor: u64,
     pub next_id: u64,
     /// id -> (offset, len, my digest, peer digest)
-    pub pending: BTreeMap<RequestId, (u64, u64, Option<[u8; 32]>, Option<[u8; 32]>)>,
+    pub pending: BTreeMap<RequestId, VerifyPending>,
     /// Reads in flight: op key -> request id (and whether to reply to peer).
     pub reads: BTreeMap<u64, (RequestId, u64, u64, bool)>,
     pub next_key: u64,

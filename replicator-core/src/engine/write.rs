@@ -14,7 +14,7 @@ use super::{
     ClientError, ClientId, ClientRequest, DiskOp, Engine, LockOwner, OpPurpose, SimFault, Time,
     MAX_CLIENT_REQUESTS, MAX_PEER_WRITES_IN_FLIGHT, MAX_TRANSFER_LOG_WRITES,
 };
-use crate::activity_log::{AlDecision, AL_EXTENT_BYTES};
+use crate::activity_log::AlDecision;
 use crate::types::{NodeRole, ProtocolMode, RequestId};
 use crate::wire::{Message, WRITE_FLAG_FUA, WRITE_FLAG_TRIM, WRITE_FLAG_ZEROES};
 
@@ -710,11 +710,4 @@ pub(super) fn disk_op(offset: u64, len: u64, payload: &Payload, fua: bool) -> Di
             len_bytes: len as u32,
         },
     }
-}
-
-/// Bytes of the extent containing `offset` (for bitmap page persistence).
-#[allow(dead_code)]
-pub(super) fn extent_range(extent: u32) -> (u64, u64) {
-    let start = u64::from(extent) * AL_EXTENT_BYTES;
-    (start, AL_EXTENT_BYTES)
 }
