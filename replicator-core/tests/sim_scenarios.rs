@@ -100,7 +100,10 @@ fn engine_acking_before_the_peer_makes_the_simulator_fail() {
             run(&cfg).is_err()
         })
         .count();
-    assert!(failures >= 3, "only {failures} of 6 seeds caught the early ack");
+    assert!(
+        failures >= 3,
+        "only {failures} of 6 seeds caught the early ack"
+    );
 }
 
 #[test]
