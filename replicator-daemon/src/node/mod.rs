@@ -341,6 +341,7 @@ pub async fn start(config: &Config, node_name: &str) -> Result<NodeHandle, RunEr
         last_report,
         last_publish: Instant::now(),
         publish_pending: false,
+        status_dirty: false,
         resync_seen: None,
         nbd_addr: node.nbd.clone(),
         activated,
@@ -401,6 +402,8 @@ struct Runtime {
     last_publish: Instant,
     /// A progress change waits for its turn to be published.
     publish_pending: bool,
+    /// An engine event since the last publication (status may differ).
+    status_dirty: bool,
     /// When this node first saw the running resync, and its progress then.
     resync_seen: Option<(Instant, u64)>,
     nbd_addr: crate::config::NbdAddress,
@@ -557,7 +560,11 @@ impl Runtime {
             *w = want;
             changed
         });
-        self.publish();
+        // Most steps (a write and its acks while connected) change nothing
+        // operators see; only engine events do.
+        if self.status_dirty {
+            self.publish();
+        }
     }
 
     fn drain_outputs(&mut self) {
@@ -599,6 +606,7 @@ impl Runtime {
     }
 
     fn on_engine_event(&mut self, ev: Event) {
+        self.status_dirty = true;
         match &ev {
             Event::ProtocolError { detail } => {
                 warn!("peer link: {detail}");
@@ -639,6 +647,7 @@ impl Runtime {
     /// publication: state changes at once, progress at most every
     /// [`PROGRESS_EVENT_INTERVAL_MS`].
     fn publish(&mut self) {
+        self.status_dirty = false;
         let report = self.report();
         if report == self.last_report {
             return;
