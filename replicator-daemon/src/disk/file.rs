@@ -1,6 +1,7 @@
 //! The opened backing disk: a regular file or a block device.
 //!
-//! Owns opening (read-write or read-only, optionally O_DIRECT), finding the
+//! Owns opening (read-write or read-only, optionally O_DIRECT, with an
+//! flock so that only one process writes a disk at a time), finding the
 //! size, and the blocking syscalls both engines share: fallocate (punch hole,
 //! zero range) and SEEK_DATA/SEEK_HOLE. It must not be called on an async
 //! thread for those blocking calls: the engine runs them on tokio's blocking
@@ -86,6 +87,23 @@ impl BackingFile {
                 "not a regular file or block device",
             )));
         };
+        // One writer per disk: a second daemon (or a typo in another
+        // resource's config) must not interleave writes with this one.
+        // flock does not conflict with the fcntl locks qemu-img takes.
+        let lock = if mode.read_only {
+            rustix::fs::FlockOperation::NonBlockingLockShared
+        } else {
+            rustix::fs::FlockOperation::NonBlockingLockExclusive
+        };
+        match rustix::fs::flock(&file, lock) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(DiskError::InUse {
+                    path: path.to_owned(),
+                })
+            }
+            Err(e) => return Err(open_err(e.into())),
+        }
         // SEEK_END gives the length of a file and the size of a block device
         // alike (the latter is what BLKGETSIZE64 reports).
         let size_bytes = file.seek(SeekFrom::End(0)).map_err(open_err)?;

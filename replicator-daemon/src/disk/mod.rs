@@ -55,6 +55,8 @@ pub enum DiskError {
         #[source]
         source: std::io::Error,
     },
+    #[error("disk {} is in use by another process (it holds a lock on it)", path.display())]
+    InUse { path: PathBuf },
     #[error("direct I/O needs a disk size that is a multiple of {} bytes, but {} has {size_bytes} bytes", aligned::ALIGN_BYTES, path.display())]
     DirectUnaligned { path: PathBuf, size_bytes: u64 },
     #[error("{op} of {len_bytes} bytes at offset {offset} is past the end of the {size_bytes}-byte disk")]

@@ -22,7 +22,7 @@ enum Kind {
 struct Fixture {
     _dir: tempfile::TempDir,
     path: PathBuf,
-    engine: AnyEngine,
+    engine: Arc<AnyEngine>,
     /// What the disk should hold.
     model: Vec<u8>,
 }
@@ -68,7 +68,7 @@ fn setup(kind: Kind, direct: bool) -> Option<Fixture> {
     Some(Fixture {
         _dir: dir,
         path,
-        engine: Engine::new(backend, file),
+        engine: Arc::new(Engine::new(backend, file)),
         model: vec![0; TEST_DISK_BYTES as usize],
     })
 }
@@ -145,10 +145,7 @@ impl Fixture {
         // read-modify-write racing its neighbours.
         const WRITERS: u64 = 64;
         const LEN: usize = 1000;
-        let engine = Arc::new(std::mem::replace(
-            &mut self.engine,
-            setup_placeholder(&self.path),
-        ));
+        let engine = self.engine.clone();
         let mut tasks = Vec::new();
         for i in 0..WRITERS {
             let data = pattern(1000 + i, LEN);
@@ -162,7 +159,6 @@ impl Fixture {
         for t in tasks {
             t.await.unwrap().unwrap();
         }
-        self.engine = Arc::into_inner(engine).expect("all writers finished");
         self.assert_matches_model().await;
     }
 
@@ -318,21 +314,6 @@ impl Fixture {
     }
 }
 
-/// A throwaway engine to stand in while the real one is shared by tasks.
-fn setup_placeholder(path: &Path) -> AnyEngine {
-    let file = Arc::new(
-        BackingFile::open(
-            path,
-            OpenMode {
-                read_only: true,
-                direct: false,
-            },
-        )
-        .unwrap(),
-    );
-    Engine::new(Backend::Sync(SyncIo::new(file.clone())), file)
-}
-
 macro_rules! engine_suite {
     ($name:ident, $kind:expr, $direct:expr, [$($test:ident),* $(,)?]) => {
         mod $name {
@@ -406,6 +387,7 @@ async fn open_engine_uring_uses_io_uring_when_available() {
     };
     let e = open_engine(&path, opts).unwrap();
     assert_eq!(e.io_name(), "uring");
+    drop(e);
     let opts = EngineOptions {
         io_engine: IoEngineKind::Sync,
         ..opts
@@ -467,7 +449,7 @@ async fn uring_more_requests_than_slots_and_queue_all_complete() {
     let Some(f) = setup(Kind::Uring, false) else {
         return;
     };
-    let engine = Arc::new(f.engine);
+    let engine = f.engine.clone();
     let requests = uring::MAX_IN_FLIGHT_REQUESTS + uring::SUBMIT_QUEUE_REQUESTS + 200;
     let block = 4096u64;
     assert!(requests as u64 * block <= TEST_DISK_BYTES);
@@ -524,4 +506,39 @@ async fn uring_setup_failure_falls_back_to_the_sync_engine() {
         .await
         .unwrap();
     assert_eq!(&engine.read(10, 5).await.unwrap()[..], b"hello");
+}
+
+#[tokio::test]
+async fn second_writer_on_the_same_disk_is_refused() {
+    // Proves a disk open for writing cannot be opened for writing (or
+    // reading) by another opener, and is free again once closed.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let rw = OpenMode::default();
+    let ro = OpenMode {
+        read_only: true,
+        direct: false,
+    };
+    let first = BackingFile::open(&path, rw).unwrap();
+    assert!(matches!(
+        BackingFile::open(&path, rw),
+        Err(DiskError::InUse { .. })
+    ));
+    assert!(matches!(
+        BackingFile::open(&path, ro),
+        Err(DiskError::InUse { .. })
+    ));
+    drop(first);
+    let r1 = BackingFile::open(&path, ro).unwrap();
+    let r2 = BackingFile::open(&path, ro).expect("readers may share");
+    assert!(matches!(
+        BackingFile::open(&path, rw),
+        Err(DiskError::InUse { .. })
+    ));
+    drop((r1, r2));
+    BackingFile::open(&path, rw).expect("free again after close");
 }

@@ -132,6 +132,7 @@ impl Slot {
 pub struct UringIo {
     tx: Option<mpsc::Sender<Request>>,
     wake: Arc<File>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Request {
@@ -161,10 +162,14 @@ impl UringIo {
         let wake = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(raw) }));
         let (tx, rx) = mpsc::channel(SUBMIT_QUEUE_REQUESTS);
         let thread_wake = wake.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("disk-uring".into())
             .spawn(move || ring_thread(ring, file, rx, thread_wake))?;
-        Ok(UringIo { tx: Some(tx), wake })
+        Ok(UringIo {
+            tx: Some(tx),
+            wake,
+            thread: Some(thread),
+        })
     }
 
     async fn call<T>(&self, req: Request, rx: oneshot::Receiver<io::Result<T>>) -> io::Result<T> {
@@ -189,6 +194,14 @@ impl Drop for UringIo {
         // Close the channel first so the woken thread sees it closed.
         self.tx = None;
         kick(&self.wake);
+        // Wait for the operations still in the kernel (those of cancelled
+        // callers), so that once this returns the disk is closed and its
+        // lock released. Bounded by MAX_IN_FLIGHT_REQUESTS disk operations.
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the io_uring thread panicked");
+            }
+        }
     }
 }
 
