@@ -56,11 +56,12 @@ fn map_of(export: &Export) -> Vec<(u64, u64, String)> {
         .collect()
 }
 
-/// True when every byte of `[start, end)` is reported as a hole (or zero).
-fn range_is_hole(map: &[(u64, u64, String)], start: u64, end: u64) -> bool {
+/// True when every extent overlapping `[start, end)` has a type description
+/// (nbdinfo's last column, e.g. "hole,zero" or "data") containing `word`.
+fn range_all(map: &[(u64, u64, String)], start: u64, end: u64, word: &str) -> bool {
     map.iter()
         .filter(|(o, l, _)| *o < end && o + l > start)
-        .all(|(_, _, kind)| kind.contains("hole") || kind.contains("zero"))
+        .all(|(_, _, kind)| kind.contains(word))
 }
 
 fn qemu_io(export: &Export, commands: &[&str]) {
@@ -164,36 +165,51 @@ fn nbdinfo_map_shows_holes_after_trim_and_write_zeroes() {
     qemu_io(&export, &["write -P 0xa5 0 8M"]);
     let map = map_of(&export);
     assert!(
-        !range_is_hole(&map, 0, 8 * mib),
-        "written range reported as hole: {map:?}"
+        range_all(&map, 0, 8 * mib, "data"),
+        "written range not reported as data: {map:?}"
     );
     assert!(
-        range_is_hole(&map, 16 * mib, 64 * mib),
+        range_all(&map, 16 * mib, 64 * mib, "hole"),
         "never-written range not a hole: {map:?}"
     );
     qemu_io(&export, &["discard 1M 2M"]);
     let map = map_of(&export);
     assert!(
-        range_is_hole(&map, mib, 3 * mib),
+        range_all(&map, mib, 3 * mib, "hole"),
         "TRIMmed range not a hole: {map:?}"
     );
     assert!(
-        !range_is_hole(&map, 0, mib),
+        range_all(&map, 0, mib, "data"),
         "data before the TRIM lost: {map:?}"
     );
+    // WRITE_ZEROES that may punch (qemu-io -u) leaves a hole.
     qemu_io(&export, &["write -z -u 4M 2M"]);
     let map = map_of(&export);
     assert!(
-        range_is_hole(&map, 4 * mib, 6 * mib),
+        range_all(&map, 4 * mib, 6 * mib, "hole"),
         "WRITE_ZEROES (may punch) range not a hole: {map:?}"
     );
+    // WRITE_ZEROES with NO_HOLE (plain -z) must at least read as zero.
+    qemu_io(&export, &["write -z 7M 512k"]);
+    let map = map_of(&export);
     assert!(
-        !range_is_hole(&map, 6 * mib, 8 * mib),
-        "data after the zeroed range lost: {map:?}"
+        range_all(&map, 7 * mib, 7 * mib + 512 * 1024, "zero"),
+        "WRITE_ZEROES (no hole) range not reported as zero: {map:?}"
+    );
+    assert!(
+        range_all(&map, 6 * mib, 7 * mib, "data"),
+        "data between the zeroed ranges lost: {map:?}"
     );
     qemu_io(
         &export,
-        &["read -P 0 1M 2M", "read -P 0 4M 2M", "read -P 0xa5 6M 2M"],
+        &[
+            "read -P 0 1M 2M",
+            "read -P 0xa5 3M 1M",
+            "read -P 0 4M 2M",
+            "read -P 0xa5 6M 1M",
+            "read -P 0 7M 512k",
+            "read -P 0xa5 7680k 512k",
+        ],
     );
 }
 
