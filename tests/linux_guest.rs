@@ -1,6 +1,7 @@
 //! The most realistic client: a Linux guest under QEMU (TCG) whose virtio
 //! disk is the NBD export. The first boot makes an ext4 file system, writes
-//! files and records their checksums; the server is restarted; the second
+//! files, records their checksums and trims a deleted file's blocks (TRIM
+//! through virtio discard); the server is restarted; the second
 //! boot mounts the file system and checks every file.
 #![forbid(unsafe_code)]
 
@@ -59,7 +60,7 @@ fn boot(images: &Path, export: &Export, mode: &str, marker: &str) -> String {
             ))
             .arg("-drive")
             .arg(format!(
-                "file=nbd://127.0.0.1:{port}/{},format=raw,if=virtio,cache=none",
+                "file=nbd://127.0.0.1:{port}/{},format=raw,if=virtio,cache=none,discard=unmap",
                 common::EXPORT_NAME
             )),
         GUEST_BOOT_TIMEOUT,
@@ -93,6 +94,10 @@ fn linux_guest_writes_ext4_and_reads_it_back_after_server_restart() {
     let mut export = Export::start_default();
 
     let first = boot(&images, &export, "write", "REPLICATOR-GUEST-WRITE-OK");
+    assert!(
+        first.contains("/mnt: ") && first.contains("trimmed"),
+        "fstrim did not report trimming:\n{first}"
+    );
     let written = sums(&first);
     assert_eq!(written.len(), 8, "guest did not report 8 files:\n{first}");
 
