@@ -163,3 +163,27 @@ fn bad_input_cases_over_unix_socket_behave_the_same() {
     );
     run_case(&mut export, "list_shows_the_export");
 }
+
+#[test]
+fn export_name_option_serves_with_and_without_zero_padding() {
+    // Proves the old EXPORT_NAME option gets size + flags (+124 zero bytes unless NO_ZEROES) and serves simple-reply reads; DISC closes.
+    case_on_fresh_export("export_name_option_serves_with_and_without_zeroes");
+}
+
+#[test]
+fn export_name_of_unknown_export_closes_only_that_connection() {
+    // Proves EXPORT_NAME with an unknown name closes that connection (it cannot carry an error) and others are served.
+    case_on_fresh_export("export_name_of_unknown_export_closes");
+}
+
+#[test]
+fn abort_option_is_acknowledged_and_closed() {
+    // Proves NBD_OPT_ABORT gets an ACK (or a plain close) and the server then closes.
+    case_on_fresh_export("abort_option_is_acknowledged");
+}
+
+#[test]
+fn disc_after_pipelined_writes_answers_and_applies_them_all() {
+    // Proves NBD_CMD_DISC sent behind 8 unanswered writes lets all of them land before the close (replies, if sent, are successes).
+    case_on_fresh_export("disc_after_pipelined_writes_applies_them");
+}

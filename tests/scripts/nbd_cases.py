@@ -38,6 +38,7 @@ SIMPLE_REPLY_MAGIC = 0x67446698
 FLAG_FIXED_NEWSTYLE = 1 << 0
 FLAG_NO_ZEROES = 1 << 1
 
+OPT_EXPORT_NAME = 1
 OPT_ABORT = 2
 OPT_LIST = 3
 OPT_STARTTLS = 5
@@ -473,6 +474,78 @@ def case_truncated_write_payload_then_close_applies_nothing(uri):
     bystander.pwrite(pattern(9, 4096), 0)
     if later.pread(4096, 0) != pattern(9, 4096):
         fail("the bystander's write after the truncated one is not visible")
+
+
+def case_export_name_option_serves_with_and_without_zeroes(uri):
+    for no_zeroes in (False, True):
+        c = RawClient(uri)
+        c.greeting(FLAG_FIXED_NEWSTYLE | (FLAG_NO_ZEROES if no_zeroes else 0))
+        c.send_option(OPT_EXPORT_NAME, c.name)
+        size, tflags = struct.unpack(">QH", c.recv_exact(10))
+        if not no_zeroes and c.recv_exact(124) != bytes(124):
+            fail("EXPORT_NAME reply padding is not 124 zero bytes")
+        if size != connect(uri).get_size():
+            fail("EXPORT_NAME gave size %d" % size)
+        if not tflags & 1:
+            fail("HAS_FLAGS missing from transmission flags %x" % tflags)
+        c.request(CMD_READ, 3, 4096, 4096)
+        err, cookie, data = c.simple_reply(4096)
+        if err != 0 or cookie != 3 or len(data) != 4096:
+            fail("read after EXPORT_NAME failed: err %d cookie %d" % (err, cookie))
+        c.request(CMD_DISC, 4, 0, 0)
+        c.expect_closed("NBD_CMD_DISC")
+        c.close()
+
+
+def case_export_name_of_unknown_export_closes(uri):
+    c = RawClient(uri)
+    c.greeting()
+    c.send_option(OPT_EXPORT_NAME, b"no-such-export")
+    c.expect_closed("EXPORT_NAME of an unknown export")
+    c.close()
+    assert_alive(connect(uri), "another client's unknown EXPORT_NAME")
+
+
+def case_abort_option_is_acknowledged(uri):
+    c = RawClient(uri)
+    c.greeting()
+    c.send_option(OPT_ABORT)
+    try:
+        opt, rtype, _ = c.recv_option_reply()
+    except EOFError:
+        return  # the spec lets clients tolerate a close without the ACK
+    if opt != OPT_ABORT or rtype != REP_ACK:
+        fail("ABORT answered with type %x, want ACK" % rtype)
+    c.expect_closed("NBD_OPT_ABORT")
+    c.close()
+
+
+def case_disc_after_pipelined_writes_applies_them(uri):
+    c = RawClient(uri)
+    c.greeting()
+    c.go()
+    off, n, count = 6 << 20, 64 << 10, 8
+    blocks = [os.urandom(n) for _ in range(count)]
+    # Pipeline the writes and DISC without reading any reply first.
+    for i, data in enumerate(blocks):
+        c.request(CMD_WRITE, 100 + i, off + i * n, n, payload=data)
+    c.request(CMD_DISC, 200, 0, 0)
+    # The server MUST handle every outstanding request; it may or may not
+    # still send their replies (qemu-nbd does not). Any reply sent must be
+    # a success for one of our cookies, and the connection must then close.
+    cookies = set()
+    while True:
+        try:
+            err, cookie, _ = c.simple_reply()
+        except (EOFError, ConnectionResetError):
+            break
+        if err != 0 or cookie not in range(100, 100 + count) or cookie in cookies:
+            fail("unexpected reply to a pipelined write: cookie %d error %d" % (cookie, err))
+        cookies.add(cookie)
+    c.close()
+    h = connect(uri)
+    if h.pread(count * n, off) != b"".join(blocks):
+        fail("writes sent before DISC were not all applied")
 
 
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
