@@ -277,7 +277,7 @@ pub async fn start(config: &Config, node_name: &str) -> Result<NodeHandle, RunEr
         peer_addr: peer_addr.to_string(),
         peer_timeout_ms: node.options.peer_timeout_ms,
     };
-    tokio::spawn(transport::run(
+    let transport_task = tokio::spawn(transport::run(
         transport_cfg,
         peer_listener,
         want_rx,
@@ -288,7 +288,7 @@ pub async fn start(config: &Config, node_name: &str) -> Result<NodeHandle, RunEr
         control: internal_tx.clone(),
     });
     let mut control_stop = stop_rx.clone();
-    tokio::spawn(control_server::run(
+    let control_task = tokio::spawn(control_server::run(
         control_listener,
         handler,
         events_tx.clone(),
@@ -359,6 +359,7 @@ pub async fn start(config: &Config, node_name: &str) -> Result<NodeHandle, RunEr
         stopping: None,
         link_failed: None,
         closed_link: None,
+        services: vec![transport_task, control_task],
     };
     // Like `drbdadm up`: attach, then connect.
     rt.apply(Input::Admin(AdminCommand::Connect));
@@ -417,6 +418,9 @@ struct Runtime {
     link_failed: Option<String>,
     /// The link closed last (its writer may still be sending).
     closed_link: Option<Link>,
+    /// The transport and the control server, awaited at exit so their
+    /// sockets are gone when the node has stopped.
+    services: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What one wait of the loop produced.
@@ -536,6 +540,12 @@ impl Runtime {
             let grace = Duration::from_millis(LINK_CLOSE_GRACE_MS);
             if tokio::time::timeout(grace, link.ended()).await.is_err() {
                 warn!("the peer link did not close in time");
+            }
+        }
+        let grace = Duration::from_millis(control_server::SHUTDOWN_GRACE_MS + LINK_CLOSE_GRACE_MS);
+        for task in self.services.drain(..) {
+            if tokio::time::timeout(grace, task).await.is_err() {
+                warn!("a service task did not stop in time");
             }
         }
     }
