@@ -160,11 +160,21 @@ impl UringIo {
         }
         // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
         let wake = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(raw) }));
+        let mut r = Ring {
+            ring,
+            fd: types::Fd(file.file.as_raw_fd()),
+            slots: (0..MAX_IN_FLIGHT_REQUESTS).map(|_| None).collect(),
+            free: (0..MAX_IN_FLIGHT_REQUESTS).rev().collect(),
+        };
+        // Arm the wake-up poll here, so a ring that cannot poll is an error
+        // the caller can fall back from, not a dead engine.
+        r.arm_wake(&wake)?;
+        r.ring.submit()?;
         let (tx, rx) = mpsc::channel(SUBMIT_QUEUE_REQUESTS);
         let thread_wake = wake.clone();
         let thread = std::thread::Builder::new()
             .name("disk-uring".into())
-            .spawn(move || ring_thread(ring, file, rx, thread_wake))?;
+            .spawn(move || ring_thread(r, file, rx, thread_wake))?;
         Ok(UringIo {
             tx: Some(tx),
             wake,
@@ -259,7 +269,8 @@ impl Ring {
         self.slots[index] = Some(slot);
         // SAFETY: the entry points into the buffer owned by `self.slots[index]`,
         // which stays there (heap data not moved, not freed) until this
-        // entry's completion is reaped in `reap`, or forever if the ring dies.
+        // entry's completion is taken off the completion queue in
+        // `ring_thread`, or forever (leaked) if the ring dies.
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
             if let Some(slot) = self.slots[index].take() {
@@ -281,21 +292,11 @@ impl Ring {
 }
 
 fn ring_thread(
-    ring: IoUring,
+    mut r: Ring,
     file: Arc<BackingFile>,
     mut rx: mpsc::Receiver<Request>,
     wake: Arc<File>,
 ) {
-    let mut r = Ring {
-        ring,
-        fd: types::Fd(file.file.as_raw_fd()),
-        slots: (0..MAX_IN_FLIGHT_REQUESTS).map(|_| None).collect(),
-        free: (0..MAX_IN_FLIGHT_REQUESTS).rev().collect(),
-    };
-    if let Err(e) = r.arm_wake(&wake) {
-        tracing::error!(error = %e, "io_uring engine cannot arm its wake-up poll; stopping it");
-        return;
-    }
     let mut closed = false;
     let mut completions = Vec::with_capacity(RING_ENTRIES as usize * 2);
     loop {
