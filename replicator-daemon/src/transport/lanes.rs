@@ -4,8 +4,8 @@
 //! writes and their acks never wait behind bulk resync data.
 //!
 //! Owns lane classification, the per-lane byte limits and the one ordering
-//! rule the priority must not break: an application `Write` never overtakes
-//! queued resync data for an overlapping range (the peer applies both in
+//! rule the priority must not break: an application `Write` (or
+//! `OutOfSync`) never overtakes queued resync data for an overlapping range (the peer applies both in
 //! arrival order, so overtaking would let old resync data overwrite the new
 //! write). Must not do I/O.
 
@@ -64,7 +64,10 @@ fn data_range(msg: &Message) -> Option<(u64, u64)> {
         }
         | Message::ResyncInSync {
             offset, len_bytes, ..
-        } => Some((*offset, offset.saturating_add(u64::from(*len_bytes)))),
+        }
+        | Message::OutOfSync { offset, len_bytes } => {
+            Some((*offset, offset.saturating_add(u64::from(*len_bytes))))
+        }
         Message::ResyncData { offset, data, .. } => {
             Some((*offset, offset.saturating_add(data.len() as u64)))
         }
