@@ -369,10 +369,12 @@ meta = "{d}/alpha.meta"
     /// Sends SIGTERM and waits for the exit; returns the exit status.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("server not running");
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+        // The shell's kill builtin: no unsafe libc call, and no dependency
+        // on procps (not installed on a minimal Debian).
+        let status = Command::new("sh")
+            .args(["-c", "kill -TERM \"$1\"", "sh", &child.id().to_string()])
             .status()
-            .expect("run kill");
+            .expect("run sh -c kill");
         assert!(status.success(), "kill -TERM failed");
         match wait_with_deadline(&mut child, SERVER_STOP_TIMEOUT) {
             Some(status) => status,
