@@ -85,6 +85,8 @@ pub struct Engine {
     need_new_uuid: bool,
     crashed_primary: bool,
     sync_paused: bool,
+    /// Resync sends digests first and copies only differing ranges.
+    checksum_resync: bool,
 
     uuids: crate::types::GenerationUuids,
     bitmap: Bitmap,
@@ -124,6 +126,7 @@ enum OpPurpose {
     PeerWrite(u64),
     BarrierFlush(RequestId),
     ResyncRead(u64),
+    CsumRead(u64),
     ResyncWrite(u64),
     VerifyRead(u64),
     TargetFinalFlush,
@@ -187,6 +190,7 @@ impl Engine {
             need_new_uuid: false,
             crashed_primary,
             sync_paused: false,
+            checksum_resync: false,
             uuids: sb.uuids,
             bitmap: meta.bitmap,
             al,
@@ -275,6 +279,13 @@ impl Engine {
             }
         }
         d
+    }
+
+    /// Checksum-based resync (DRBD's `csums-alg`): the SyncTarget sends the
+    /// SHA-256 of its copy of each range and the source sends data only where
+    /// the digests differ. Takes effect for requests issued from now on.
+    pub fn set_checksum_resync(&mut self, on: bool) {
+        self.checksum_resync = on;
     }
 
     /// Whether the transport should (re)connect to the peer.
@@ -464,6 +475,7 @@ impl Engine {
             OpPurpose::PeerWrite(key) => self.peer_write_done(key, result.is_ok()),
             OpPurpose::BarrierFlush(id) => self.barrier_flush_done(id, result.is_ok()),
             OpPurpose::ResyncRead(key) => self.resync_read_done(key, result),
+            OpPurpose::CsumRead(key) => self.csum_read_done(key, result),
             OpPurpose::ResyncWrite(key) => self.resync_write_done(key, result.is_ok()),
             OpPurpose::VerifyRead(key) => self.verify_read_done(key, result),
             OpPurpose::TargetFinalFlush => self.target_final_flush_done(result.is_ok()),

@@ -47,6 +47,8 @@ pub(super) struct TargetState {
     pub cursor: u64,
     pub inflight: BTreeMap<RequestId, (u64, u64)>,
     pub writes: BTreeMap<u64, ResyncItem>,
+    /// Checksum-based resync: local reads whose digest goes into the request.
+    pub csum_reads: BTreeMap<u64, ResyncItem>,
     pub next_id: u64,
     pub total_bytes: u64,
     pub done_bytes: u64,
@@ -95,7 +97,7 @@ impl Engine {
         let item = self
             .target
             .as_ref()
-            .and_then(|t| t.writes.get(&k))
+            .and_then(|t| t.writes.get(&k).or_else(|| t.csum_reads.get(&k)))
             .or_else(|| self.source.as_ref().and_then(|s| s.reads.get(&k)))
             .expect("queued resync item");
         (item.offset, item.offset + item.len)
@@ -104,10 +106,17 @@ impl Engine {
     pub(super) fn start_resync_item(&mut self, item: DataItem) {
         match item {
             DataItem::ResyncRead(k) => {
-                let it = &self.source.as_ref().expect("source").reads[&k];
+                let csum = self.target.as_ref().and_then(|t| t.csum_reads.get(&k));
+                let (purpose, it) = match csum {
+                    Some(it) => (OpPurpose::CsumRead(k), it),
+                    None => (
+                        OpPurpose::ResyncRead(k),
+                        &self.source.as_ref().expect("source").reads[&k],
+                    ),
+                };
                 let (offset, len) = (it.offset, it.len);
                 self.new_op(
-                    OpPurpose::ResyncRead(k),
+                    purpose,
                     DiskOp::Read {
                         offset,
                         len_bytes: len as u32,
@@ -146,6 +155,7 @@ impl Engine {
             cursor: 0,
             inflight: BTreeMap::new(),
             writes: BTreeMap::new(),
+            csum_reads: BTreeMap::new(),
             next_id: 1,
             total_bytes: total,
             done_bytes: 0,
@@ -251,15 +261,34 @@ impl Engine {
             t.inflight.insert(id, (offset, len));
             t.cursor = end_block;
             t.sent_bytes_for_rate += len;
-            requests.push(Message::ResyncRequest {
-                id,
-                offset,
-                len_bytes: len as u32,
-            });
+            requests.push((id, offset, len));
         }
         let finishing = t.finishing;
-        for m in requests {
-            self.send(m);
+        for (id, offset, len) in requests {
+            if self.checksum_resync {
+                // Digest the local copy first; the request carries it.
+                let k = self.peer.next_key;
+                self.peer.next_key += 1;
+                let item = ResyncItem {
+                    id,
+                    offset,
+                    len,
+                    data: Bytes::new(),
+                    digest: None,
+                };
+                let t = self.target.as_mut().expect("target");
+                t.csum_reads.insert(k, item);
+                self.data_queue.push_back(DataItem::ResyncRead(k));
+            } else {
+                self.send(Message::ResyncRequest {
+                    id,
+                    offset,
+                    len_bytes: len as u32,
+                });
+            }
+        }
+        if self.checksum_resync {
+            self.pump_data_queue();
         }
         if finishing {
             self.new_op(OpPurpose::TargetFinalFlush, DiskOp::Flush);
@@ -333,6 +362,36 @@ impl Engine {
         // The target holds the bits until its write lands; the merge on the
         // next handshake restores them if the link drops.
         let _ = self.bitmap.clear_range(item.offset, item.len);
+    }
+
+    /// Checksum-based resync: the local copy was read; ask the source for
+    /// the range unless its digest matches ours.
+    pub(super) fn csum_read_done(&mut self, k: u64, result: Result<Bytes, DiskError>) {
+        self.unlock(LockOwner::Resync(k));
+        let Some(item) = self.target.as_mut().and_then(|t| t.csum_reads.remove(&k)) else {
+            return;
+        };
+        let asked = self
+            .target
+            .as_ref()
+            .is_some_and(|t| t.inflight.contains_key(&item.id));
+        if !self.replicating || !asked {
+            return;
+        }
+        match result {
+            Ok(data) => self.send(Message::ResyncChecksumRequest {
+                id: item.id,
+                offset: item.offset,
+                len_bytes: item.len as u32,
+                digest: digest(&data),
+            }),
+            // Unreadable here: fetch the data unconditionally.
+            Err(_) => self.send(Message::ResyncRequest {
+                id: item.id,
+                offset: item.offset,
+                len_bytes: item.len as u32,
+            }),
+        }
     }
 
     pub(super) fn on_resync_data(
@@ -471,12 +530,16 @@ impl Engine {
                 .retain(|i| *i != DataItem::ResyncWrite(k) && *i != DataItem::ResyncRead(k));
             if let Some(t) = self.target.as_mut() {
                 t.writes.remove(&k);
+                t.csum_reads.remove(&k);
             }
             if let Some(s) = self.source.as_mut() {
                 s.reads.remove(&k);
             }
         }
-        let target_busy = self.target.as_ref().is_some_and(|t| !t.writes.is_empty());
+        let target_busy = self
+            .target
+            .as_ref()
+            .is_some_and(|t| !t.writes.is_empty() || !t.csum_reads.is_empty());
         if !target_busy {
             self.target = None;
         }

@@ -135,6 +135,8 @@ enum Action {
     Promote(usize),
     /// Planned switchover: demote the Primary, promote its in-sync peer.
     Switchover,
+    /// Second half of a switchover, once the peer saw the demotion.
+    FinishSwitchover(usize),
     /// Writes to node `.0` that the oracle does not protect (a split-brain
     /// victim's writes, discarded later).
     UntrackedWrites(usize, u64),
@@ -221,6 +223,7 @@ struct World {
     report: SimReport,
     split_brain_expected: bool,
     safety_over: bool,
+    checksum_resync: bool,
 }
 
 const TRACE_KEEP: usize = 60;
@@ -314,8 +317,9 @@ impl World {
         })?;
         let seed = self.rng.next_u64();
         let cfg = self.engine_cfg(node);
-        let engine = Engine::new(cfg, meta, seed)
+        let mut engine = Engine::new(cfg, meta, seed)
             .map_err(|e| self.fail(format!("engine start failed: {e}")))?;
+        engine.set_checksum_resync(self.checksum_resync);
         self.nodes[node].inc += 1;
         self.nodes[node].engine = Some(engine);
         self.nodes[node].tick_at = None;
@@ -843,17 +847,36 @@ impl World {
             }
             Action::Switchover => {
                 let p = self.client_node;
-                if self.conn_if_established(p).is_some() && self.outstanding.is_empty() {
+                if self.conn_if_established(p).is_some() {
                     self.feed(p, Input::Admin(AdminCommand::Secondary))?;
-                    self.feed(1 - p, Input::Admin(AdminCommand::Primary { force: false }))?;
+                    // The peer learns of the demotion by a State frame.
+                    self.at(
+                        self.now + 5_000_000,
+                        Ev::Script(Action::FinishSwitchover(1 - p)),
+                    );
+                }
+            }
+            Action::FinishSwitchover(n) => {
+                let st = self.engine(n).map(|e| e.status());
+                let ready = st.as_ref().is_some_and(|s| {
+                    s.peer_role == Some(NodeRole::Secondary)
+                        && s.disk == DiskState::UpToDate
+                        && s.replication == ReplState::Established
+                });
+                if ready {
+                    self.feed(n, Input::Admin(AdminCommand::Primary { force: false }))?;
                     if self
-                        .engine(1 - p)
-                        .is_some_and(|e| e.role() == NodeRole::Primary)
+                        .engine(n)
+                        .is_some_and(|e| e.role() != NodeRole::Primary)
                     {
-                        self.client_node = 1 - p;
-                    } else {
-                        return Err(self.fail("switchover: in-sync peer refused promotion".into()));
+                        return Err(self.fail(format!(
+                            "switchover: in-sync peer refused promotion: {st:?}"
+                        )));
                     }
+                    self.client_node = n;
+                } else {
+                    // The link moved meanwhile: the old Primary takes it back.
+                    self.ensure_primary()?;
                 }
             }
             Action::UntrackedWrites(n, count) => {
@@ -1164,7 +1187,10 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
         report: SimReport::default(),
         split_brain_expected: cfg.scenario == Scenario::SplitBrainBothPromoted,
         safety_over: false,
+        checksum_resync: false,
     };
+    // Half the runs resync by checksum (digest first, data where different).
+    w.checksum_resync = rng.chance(1, 2);
     w.start_node(0)?;
     w.start_node(1)?;
     // Bring the pair up: connect, then either skip the initial sync of the
