@@ -61,6 +61,9 @@ pub const SHUTDOWN_DRAIN_MS: u64 = 15_000;
 /// Progress-only status changes (resync progress, out-of-sync bytes) are
 /// published as events at most this often, in milliseconds.
 pub const PROGRESS_EVENT_INTERVAL_MS: u64 = 1_000;
+/// Most already-waiting events applied after one wake-up before the loop
+/// waits again (timers and the stop signal are checked between batches).
+pub const LOOP_BATCH_EVENTS: usize = 64;
 /// Longest a writer task gets to send the last frames at exit, in milliseconds.
 pub const LINK_CLOSE_GRACE_MS: u64 = 1_000;
 
@@ -455,10 +458,7 @@ impl Runtime {
                 .engine
                 .next_deadline()
                 .map(|t| self.origin + Duration::from_nanos(t.0));
-            let congested = self
-                .link
-                .as_ref()
-                .is_some_and(|l| l.app_queued_bytes() > APP_LANE_HIGH_WATER_BYTES);
+            let congested = self.congested();
             let publish_at = self.last_publish + Duration::from_millis(PROGRESS_EVENT_INTERVAL_MS);
             let wake = tokio::select! {
                 Some(ev) = internal_rx.recv() => Wake::Internal(ev),
@@ -471,12 +471,7 @@ impl Runtime {
                 _ = tokio::time::sleep_until(give_up_at.unwrap_or_else(Instant::now)), if give_up_at.is_some() => Wake::GiveUp,
             };
             match wake {
-                Wake::Internal(Internal::DiskDone { op, result }) => {
-                    self.apply(Input::DiskDone { op, result });
-                }
-                Wake::Internal(Internal::Control { request, reply }) => {
-                    self.on_control(request, reply);
-                }
+                Wake::Internal(ev) => self.on_internal(ev),
                 Wake::Link(ev) => self.on_link(ev),
                 Wake::Client(call) => self.on_client(call),
                 Wake::NbdStopped => self.on_nbd_stopped(),
@@ -496,6 +491,22 @@ impl Runtime {
                     return Err(RunError::ShutdownTimeout);
                 }
             }
+            // Events that are already waiting are applied one by one without
+            // going back to the select (and its timers) for each.
+            for _ in 0..LOOP_BATCH_EVENTS {
+                if let Ok(ev) = internal_rx.try_recv() {
+                    self.on_internal(ev);
+                } else if let Ok(ev) = link_rx.try_recv() {
+                    self.on_link(ev);
+                } else if !self.congested() {
+                    match client_rx.try_recv() {
+                        Ok(call) => self.on_client(call),
+                        Err(_) => break,
+                    }
+                } else {
+                    break;
+                }
+            }
             if let Some(done) = self.advance_stop() {
                 let flushed = self.data.flush().await;
                 let meta_flushed = if Arc::ptr_eq(&self.data, &self.meta) {
@@ -508,6 +519,21 @@ impl Runtime {
                 info!("metadata persisted and disk flushed; stopped cleanly");
                 return done;
             }
+        }
+    }
+
+    /// Whether the peer link's application lane is so full that new client
+    /// requests wait.
+    fn congested(&self) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|l| l.app_queued_bytes() > APP_LANE_HIGH_WATER_BYTES)
+    }
+
+    fn on_internal(&mut self, ev: Internal) {
+        match ev {
+            Internal::DiskDone { op, result } => self.apply(Input::DiskDone { op, result }),
+            Internal::Control { request, reply } => self.on_control(request, reply),
         }
     }
 
