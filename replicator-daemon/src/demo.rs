@@ -158,17 +158,18 @@ pub fn sibling_daemon() -> Result<PathBuf, DemoError> {
     }
 }
 
-/// Runs the demo until `stop` resolves (Ctrl-C in the program), printing
-/// what to paste to `out`.
+/// Runs the demo in a new directory under `parent` until `stop` resolves
+/// (Ctrl-C in the program), printing what to paste to `out`.
 pub async fn run(
     args: &DemoArgs,
     daemon_exe: &Path,
+    parent: &Path,
     out: &mut (dyn Write + Send),
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), DemoError> {
     let dir = tempfile::Builder::new()
         .prefix("replicator-demo-")
-        .tempdir()
+        .tempdir_in(parent)
         .map_err(io_err("create a temporary directory"))?;
     let disk = dir.path().join("alpha.img");
     std::fs::File::create(&disk)
@@ -316,6 +317,83 @@ mod tests {
         server.join().unwrap();
     }
 
+    /// A stand-in daemon: reads the port from the config it is given,
+    /// greets NBD clients, and exits 0 on SIGTERM.
+    const FAKE_DAEMON: &str = r#"#!/usr/bin/python3
+import re, signal, socket, sys
+cfg = open(sys.argv[sys.argv.index("--config") + 1]).read()
+assert re.search(r'^\[nodes\.alpha\]$', cfg, re.M), cfg
+port = int(re.search(r'nbd\s*=\s*"127\.0\.0\.1:(\d+)"', cfg).group(1))
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+s = socket.socket()
+s.bind(("127.0.0.1", port))
+s.listen()
+while True:
+    c, _ = s.accept()
+    c.sendall(b"NBDMAGIC")
+    c.close()
+"#;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn demo_starts_daemon_prints_uri_and_cleans_up_on_stop() {
+        // Proves the whole demo flow with a stand-in daemon: a config and a
+        // sparse 1 GiB disk are made, the daemon is started and awaited until
+        // it greets, the URI is printed, and on stop the daemon gets SIGTERM
+        // and the temporary directory is removed.
+        let bin = tempfile::tempdir().unwrap();
+        let fake = bin.path().join("replicatord");
+        std::fs::write(&fake, FAKE_DAEMON).unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut out = Vec::new();
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<PathBuf>();
+        let parent = bin.path().join("demos");
+        std::fs::create_dir(&parent).unwrap();
+        let parent_for_stop = parent.clone();
+        // Stop as soon as the demo waits for Ctrl-C, after checking the
+        // disk it made while it still exists.
+        let stop = async move {
+            use std::os::unix::fs::MetadataExt;
+            let parent = parent_for_stop;
+            let dirs: Vec<PathBuf> = std::fs::read_dir(&parent)
+                .unwrap()
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .collect();
+            assert_eq!(dirs.len(), 1, "{dirs:?}");
+            assert!(dirs[0].join("alpha.img").exists());
+            let size = std::fs::metadata(dirs[0].join("alpha.img")).unwrap();
+            assert_eq!(size.len(), DEMO_DISK_BYTES);
+            assert!(size.blocks() < 1024, "the disk must be sparse");
+            let dir = dirs[0].clone();
+            let _ = seen_tx.send(dir);
+        };
+        let r = tokio::time::timeout(
+            DAEMON_START_TIMEOUT + DAEMON_STOP_TIMEOUT,
+            run(&DemoArgs { port }, &fake, &parent, &mut out, stop),
+        )
+        .await
+        .expect("demo did not finish");
+        let text = String::from_utf8_lossy(&out).to_string();
+        r.unwrap_or_else(|e| panic!("demo failed: {e}\n{text}"));
+        assert!(
+            text.contains(&format!("NBD URI: nbd://127.0.0.1:{port}/demo")),
+            "{text}"
+        );
+        assert!(
+            text.contains("nbdinfo nbd://") && text.contains("qemu-io -f raw"),
+            "{text}"
+        );
+        let dir = seen_rx.await.unwrap();
+        assert!(text.contains(&dir.display().to_string()), "{text}");
+        assert!(!dir.exists(), "the demo directory must be removed");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn daemon_that_exits_early_is_reported_with_its_log() {
         // Proves a daemon dying at start-up makes the demo fail with its output
@@ -329,6 +407,7 @@ mod tests {
         let e = run(
             &DemoArgs { port: 20809 },
             &fake,
+            dir.path(),
             &mut out,
             std::future::pending(),
         )

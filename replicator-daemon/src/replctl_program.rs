@@ -75,7 +75,14 @@ async fn run_demo(args: &DemoArgs) -> i32 {
                 eprintln!("replctl: cannot wait for Ctrl-C ({e}); stopping the demo");
             }
         };
-        demo::run(args, &exe, &mut std::io::stdout(), stop).await
+        demo::run(
+            args,
+            &exe,
+            &std::env::temp_dir(),
+            &mut std::io::stdout(),
+            stop,
+        )
+        .await
     }
     .await;
     match result {
