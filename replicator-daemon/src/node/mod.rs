@@ -144,6 +144,11 @@ impl NodeHandle {
         }
     }
 
+    /// Whether the node's loop has ended (stopped or failed).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Starts a clean stop (what SIGTERM does).
     pub fn stop(&self) {
         self.shutdown.send_replace(true);
