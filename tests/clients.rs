@@ -209,6 +209,7 @@ fn fio_four_jobs_randwrite_with_crc32c_verify_passes() {
                 "--verify=crc32c",
                 "--do_verify=1",
                 "--verify_fatal=1",
+                "--verify_state_save=0",
                 "--runtime=120",
                 "--output-format=json",
             ])

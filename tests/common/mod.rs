@@ -12,6 +12,8 @@
 #![forbid(unsafe_code)]
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
+pub mod cluster;
+
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
