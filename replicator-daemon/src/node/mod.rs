@@ -71,10 +71,12 @@ pub const LINK_CLOSE_GRACE_MS: u64 = 1_000;
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     Attach(#[from] AttachError),
     #[error("the replication engine refuses the metadata of {}: {detail}", path.display())]
     Engine { path: PathBuf, detail: String },
-    #[error("node {node} has no replication address")]
+    #[error("node {node} has no peer with a replication address in this config")]
     NoReplicationAddress { node: String },
     #[error("cannot listen for the peer on {addr}: {source}")]
     ListenPeer {
@@ -235,12 +237,7 @@ fn engine_config(
 /// Attaches the disk, starts the engine, the transport and the control
 /// socket, and spawns the loop. Errors here mean the node did not start.
 pub async fn start(config: &Config, node_name: &str) -> Result<NodeHandle, RunError> {
-    let node = config
-        .node(node_name)
-        .map_err(|_| RunError::NoReplicationAddress {
-            node: node_name.to_string(),
-        })?
-        .clone();
+    let node = config.node(node_name)?.clone();
     let peer = config
         .peer_of(node_name)
         .ok_or_else(|| RunError::NoReplicationAddress {
