@@ -1,0 +1,145 @@
+//! Failover by hand with real processes: the primary is killed with
+//! SIGKILL while a client writes (8 in flight, some FUA) and logs every
+//! acknowledged write; the secondary is promoted and must hold every
+//! acknowledged write; the killed node returns as secondary and resyncs.
+//! Repeated with the roles swapping and different kill points.
+#![forbid(unsafe_code)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::cluster::{Cluster, ClusterSpec, STATE_TIMEOUT};
+use common::{require_python_nbd, run_within, tests_path, wait_with_deadline, PYTHON};
+
+/// Blocks of 4 KiB each iteration's writer may write (far more than it
+/// gets to before the kill).
+const BLOCKS_PER_ITERATION: u64 = 4096;
+/// The writer gets this long to reach its kill point.
+const WRITER_PROGRESS_TIMEOUT: Duration = Duration::from_secs(120);
+/// After the kill, the writer must notice the lost connection this fast.
+const WRITER_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Exit status of the writer when the server went away.
+const WRITER_EXIT_CONNECTION_LOST: i32 = 3;
+/// A returning node's resync (a few MiB plus AL extents) takes at most this.
+const RESYNC_TIMEOUT: Duration = Duration::from_secs(60);
+/// Interval between polls of the writer's log.
+const LOG_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+fn acked_lines(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+fn start_writer(uri: &str, log: &Path, first_block: u64, seed: u64) -> Child {
+    Command::new(PYTHON)
+        .arg(tests_path("scripts/acked_writer.py"))
+        .args(["write", uri])
+        .arg(log)
+        .args([
+            first_block.to_string(),
+            BLOCKS_PER_ITERATION.to_string(),
+            seed.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn acked_writer.py")
+}
+
+fn check_log(uri: &str, log: &Path) -> String {
+    let out = run_within(
+        Command::new(PYTHON)
+            .arg(tests_path("scripts/acked_writer.py"))
+            .args(["check", uri])
+            .arg(log),
+        Duration::from_secs(120),
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "acknowledged writes lost: {text}");
+    text
+}
+
+#[test]
+fn primary_kill_during_writes_loses_no_acknowledged_write() {
+    // Proves invariants 1 and 3 across a crash: at three kill points (after
+    // 50, 600 and 1500 acknowledged writes, roles swapping each time) every
+    // write the client saw acknowledged, FUA or not, is on the promoted
+    // secondary; an UpToDate secondary whose primary died promotes without
+    // --force (DRBD's behaviour without fencing); the killed node comes
+    // back as Secondary, resyncs, and the replicas end byte-identical.
+    require_python_nbd();
+    let mut c = Cluster::up(ClusterSpec::default());
+    let kill_points = [50usize, 600, 1500];
+    let mut logs = Vec::new();
+    let (mut primary, mut secondary) = (0usize, 1usize);
+    for (i, &kill_after) in kill_points.iter().enumerate() {
+        let log = c.dir().join(format!("acked-{i}.log"));
+        let mut writer = start_writer(
+            &c.nodes[primary].uri(),
+            &log,
+            i as u64 * BLOCKS_PER_ITERATION,
+            1000 + i as u64,
+        );
+        let deadline = Instant::now() + WRITER_PROGRESS_TIMEOUT;
+        while acked_lines(&log) < kill_after {
+            if let Some(status) = writer.try_wait().expect("poll writer") {
+                panic!(
+                    "writer {i} ended with {status} before {kill_after} acknowledged writes\n{}",
+                    c.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "writer {i} did not reach {kill_after} acknowledged writes in {WRITER_PROGRESS_TIMEOUT:?}"
+            );
+            std::thread::sleep(LOG_POLL_INTERVAL);
+        }
+        c.nodes[primary].kill_hard();
+        let status = wait_with_deadline(&mut writer, WRITER_EXIT_TIMEOUT).unwrap_or_else(|| {
+            let _ = writer.kill();
+            panic!("writer {i} did not notice its server was killed");
+        });
+        assert_eq!(
+            status.code(),
+            Some(WRITER_EXIT_CONNECTION_LOST),
+            "writer {i} should have lost its connection mid-run"
+        );
+        let acked = acked_lines(&log);
+        eprintln!(
+            "iteration {i}: killed {} after {acked} acknowledged writes",
+            c.nodes[primary].name
+        );
+        logs.push(log);
+
+        let s = &c.nodes[secondary];
+        s.wait_status("notices the primary is gone", STATE_TIMEOUT, |st| {
+            st["connection"] != "Connected" && st["peer_role"] == "Unknown"
+        });
+        let st = s.status();
+        assert_eq!(st["disk"], "UpToDate", "the survivor's data: {st}");
+        s.replctl_ok(&["primary"]);
+        s.wait_nbd();
+        for log in &logs {
+            check_log(&s.uri(), log);
+        }
+
+        c.nodes[primary].start();
+        c.wait_in_sync(RESYNC_TIMEOUT);
+        let back = c.nodes[primary].status();
+        assert_eq!(
+            back["role"], "Secondary",
+            "a crashed primary returns as Secondary: {back}"
+        );
+        (primary, secondary) = (secondary, primary);
+    }
+    c.assert_replicas_identical();
+    for n in &c.nodes {
+        n.assert_no_panic_logged();
+    }
+}
