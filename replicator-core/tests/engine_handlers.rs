@@ -174,6 +174,9 @@ impl Pair {
                     } else {
                         (&mut self.b, &mut self.a)
                     };
+                    if matches!(o, Output::Send(_)) {
+                        keep.push(o.clone());
+                    }
                     match o {
                         Output::Send(m) => other.handle(Time(0), Input::PeerFrame(m)),
                         Output::Disk { op, kind } => {
@@ -647,4 +650,84 @@ fn online_verify_of_identical_replicas_reports_zero_mismatches() {
         mismatched_bytes: 0
     })));
     assert_eq!(p.a.status().replication, ReplState::Established);
+}
+
+fn disconnect_write_reconnect(p: &mut Pair) -> (Vec<Output>, Vec<Output>) {
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Disconnected);
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    for i in 0..4 {
+        p.a.handle(Time(0), write_req(10 + i, i * (1 << 20), false));
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Connected);
+    }
+    let (mut oa, mut ob) = (Vec::new(), Vec::new());
+    p.run(&mut oa, &mut ob);
+    (oa, ob)
+}
+
+#[test]
+fn checksum_resync_skips_ranges_whose_digests_match() {
+    // Checksum-based resync: the target sends digests; where the source's
+    // copy has the same digest it answers ResyncInSync and sends no data.
+    // (The harness's disks read zeroes on both sides, so every digest
+    // matches.)
+    let mut p = Pair::new(ProtocolMode::C);
+    p.b.set_checksum_resync(true);
+    let (oa, ob) = disconnect_write_reconnect(&mut p);
+    let asked = sent(&ob)
+        .iter()
+        .filter(|m| matches!(m, Message::ResyncChecksumRequest { .. }))
+        .count();
+    assert_eq!(asked, 4, "one digest request per dirty range");
+    assert!(!sent(&ob)
+        .iter()
+        .any(|m| matches!(m, Message::ResyncRequest { .. })));
+    let in_sync = sent(&oa)
+        .iter()
+        .filter(|m| matches!(m, Message::ResyncInSync { .. }))
+        .count();
+    assert_eq!(in_sync, 4);
+    assert!(!sent(&oa)
+        .iter()
+        .any(|m| matches!(m, Message::ResyncData { .. })));
+    assert_eq!(p.b.status().out_of_sync_bytes, 0);
+    assert_eq!(p.b.status().replication, ReplState::Established);
+}
+
+#[test]
+fn plain_resync_requests_and_copies_every_dirty_range() {
+    // Without checksums every dirty range is requested and copied.
+    let mut p = Pair::new(ProtocolMode::C);
+    let (oa, ob) = disconnect_write_reconnect(&mut p);
+    let asked = sent(&ob)
+        .iter()
+        .filter(|m| matches!(m, Message::ResyncRequest { .. }))
+        .count();
+    let copied = sent(&oa)
+        .iter()
+        .filter(|m| matches!(m, Message::ResyncData { .. }))
+        .count();
+    assert_eq!((asked, copied), (4, 4));
+    assert!(oa.contains(&Output::Event(Event::Replication(ReplState::SyncSource))));
+}
+
+#[test]
+fn paused_sync_target_sends_no_requests_until_resumed() {
+    // pause-sync stops issuing resync requests; resume-sync continues.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.b.handle(Time(0), Input::Admin(AdminCommand::PauseSync));
+    let (_, ob) = disconnect_write_reconnect(&mut p);
+    assert_eq!(p.b.status().replication, ReplState::PausedSyncT);
+    assert!(!sent(&ob)
+        .iter()
+        .any(|m| matches!(m, Message::ResyncRequest { .. })));
+    assert_eq!(p.b.status().resync.map(|r| r.total_bytes), Some(16384));
+    p.b.handle(Time(0), Input::Admin(AdminCommand::ResumeSync));
+    p.run(&mut Vec::new(), &mut Vec::new());
+    assert_eq!(p.b.status().replication, ReplState::Established);
+    assert_eq!(p.b.status().out_of_sync_bytes, 0);
 }
