@@ -13,6 +13,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
 pub mod cluster;
+pub mod guest;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
