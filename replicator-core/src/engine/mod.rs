@@ -621,6 +621,8 @@ impl Engine {
             self.write_dirty_bitmap_pages();
             self.write_superblock();
             self.send(Message::SyncUuid { uuid });
+            // After the SyncUuid, so the peer shows us UpToDate.
+            self.send_state_update();
             self.report_oos();
             return Ok(());
         }
