@@ -697,3 +697,30 @@ async fn interrupted_resync_resumes_where_it_stopped_after_a_restart() {
     a.wait().await.unwrap();
     b.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_bitmap_shows_both_disks_up_to_date_on_both_nodes() {
+    // Proves `new-current-uuid --clear-bitmap` on fresh disks makes both
+    // nodes report both disks UpToDate with nothing out of sync, without
+    // any role change (each side tells the other its new disk state).
+    let p = Pair::new();
+    let a = p.start("alpha").await;
+    let b = p.start("bravo").await;
+    established(&a).await;
+    established(&b).await;
+    ok(a.request(Request::NewCurrentUuid { clear_bitmap: true })
+        .await);
+    for h in [&a, &b] {
+        wait_for(h, "both disks UpToDate", |s| {
+            s.disk == crate::control::protocol::DiskState::UpToDate
+                && s.peer_disk == crate::control::protocol::DiskState::UpToDate
+                && s.out_of_sync_bytes == 0
+                && s.replication == ReplicationState::Established
+        })
+        .await;
+    }
+    a.stop();
+    b.stop();
+    a.wait().await.unwrap();
+    b.wait().await.unwrap();
+}
