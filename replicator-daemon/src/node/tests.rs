@@ -724,3 +724,43 @@ async fn clear_bitmap_shows_both_disks_up_to_date_on_both_nodes() {
     a.wait().await.unwrap();
     b.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocols_a_and_b_replicate_and_flush_makes_both_durable() {
+    // Proves the runtime under protocols A and B: writes complete (without
+    // waiting for the peer's disk), status names the protocol, and after a
+    // flush both replicas are identical.
+    for proto in ["A", "B"] {
+        let p = Pair::new();
+        let cfg = variant(
+            &p,
+            "proto.toml",
+            "resource = \"r0\"\n",
+            &format!("resource = \"r0\"\nprotocol = \"{proto}\"\n"),
+        );
+        let a = start(&cfg, "alpha").await.unwrap();
+        let b = start(&cfg, "bravo").await.unwrap();
+        established(&a).await;
+        ok(a.request(Request::NewCurrentUuid { clear_bitmap: true })
+            .await);
+        ok(a.request(Request::Primary { force: false }).await);
+        let s = a.status().await.unwrap();
+        assert_eq!(format!("{:?}", s.protocol), proto);
+        for i in 0..16u64 {
+            a.target
+                .write(i * 65536, pattern(i as u8, 65536), false)
+                .await
+                .unwrap();
+        }
+        a.target.flush().await.unwrap();
+        let size = s.size_bytes;
+        assert!(
+            p.data("alpha", size) == p.data("bravo", size),
+            "protocol {proto}: replicas identical after flush"
+        );
+        a.stop();
+        b.stop();
+        a.wait().await.unwrap();
+        b.wait().await.unwrap();
+    }
+}
