@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Same work, same machine, same run: fio's nbd engine against qemu-nbd and
-# against replicatord (one node, no peer), each serving the same kind of
-# backing file with the host page cache bypassed (qemu-nbd --cache=none
-# --aio=io_uring, replicatord direct = true). Both servers run side by side
-# and each workload runs on one then the other, alternating which goes first,
-# so drifting machine load hits both alike. Prints one table: workload,
-# qemu-nbd, ours, ratio ours/qemu-nbd.
+# Same work, same machine, same run: fio's nbd engine against qemu-nbd,
+# against replicatord alone (one node, no peer) and against replicatord
+# with a connected peer (two nodes on this machine, protocol C, the fio
+# client on the primary), each serving the same kind of backing file with
+# the host page cache bypassed on disk (qemu-nbd --cache=none
+# --aio=io_uring, replicatord direct = true). All servers run side by side
+# and each workload runs on each of them in rotating order, so drifting
+# machine load hits all alike. Prints one table: workload, qemu-nbd, alone,
+# replicated, and the ratios to qemu-nbd.
+#
+# Then the resync row: both nodes connected over RESYNC_MIB exports, the
+# secondary disconnects, RESYNC_MIB of data is written on the primary, the
+# secondary reconnects, and the time until both report Established with
+# nothing out of sync is set against `nbdcopy` of the same data between two
+# qemu-nbd exports. And the peak RSS (VmHWM) of every server process.
 #
 #   benches/nbd-vs-qemu.sh
 #
@@ -16,7 +24,11 @@
 #                       O_DIRECT there, so both run cached), or both
 #   REPLICATORD=PATH    the daemon (default target/release/replicatord, built
 #                       with cargo build --release if missing)
+#   REPLCTL=PATH        its control tool (default: next to REPLICATORD)
 #   OURS=replicatord    or qemu-nbd, to check the script against itself
+#                       (then the replicated column and resync are skipped)
+#   REPLICATED=1        0 skips the replicated column and the resync row
+#   RESYNC_MIB=1024     out-of-sync data for the resync row
 # Needs: qemu-nbd (qemu-utils), fio with the nbd engine, nbdinfo (libnbd-bin),
 # python3.
 set -euo pipefail
@@ -27,19 +39,28 @@ SIZE_MIB=${SIZE_MIB:-256}
 BACKING=${BACKING:-disk}
 OURS=${OURS:-replicatord}
 REPLICATORD=${REPLICATORD:-target/release/replicatord}
+REPLCTL=${REPLCTL:-$(dirname "$REPLICATORD")/replctl}
+REPLICATED=${REPLICATED:-1}
+RESYNC_MIB=${RESYNC_MIB:-1024}
+[ "$OURS" = replicatord ] || REPLICATED=0
+# How long the two nodes get to connect, sync and promote; and a resync.
+STATE_TIMEOUT_S=60
+RESYNC_TIMEOUT_S=900
 # How long a server gets to start answering NBD.
 START_TIMEOUT_S=30
 PY=/usr/bin/python3
 
-for tool in qemu-nbd fio nbdinfo; do
+for tool in qemu-nbd fio nbdinfo nbdcopy; do
     command -v "$tool" >/dev/null || { echo "install $tool (see scripts/test.sh)" >&2; exit 1; }
 done
-if [ "$OURS" = replicatord ] && [ ! -x "$REPLICATORD" ]; then
-    cargo build --release --bin replicatord >&2
+if [ "$OURS" = replicatord ] && { [ ! -x "$REPLICATORD" ] || [ ! -x "$REPLCTL" ]; }; then
+    cargo build --release --bin replicatord --bin replctl >&2
 fi
 
 work=$(mktemp -d /var/tmp/nbd-bench.XXXXXX)
 pids=()
+# The server process(es) of each side, for the peak RSS rows.
+declare -A side_pids
 cleanup() {
     local pid
     for pid in "${pids[@]}"; do
@@ -81,15 +102,98 @@ TOML
     esac
     local pid=$!
     pids+=("$pid")
+    side_pids[$side]=$pid
+    wait_nbd "$kind" "$side" "$port" "$pid"
+}
+
+# wait_nbd KIND SIDE PORT PID: until the export answers (or fail with its log)
+wait_nbd() {
+    local kind=$1 side=$2 port=$3 pid=$4
     local deadline=$((SECONDS + START_TIMEOUT_S))
     until nbdinfo --size "nbd://127.0.0.1:$port/vm1" >/dev/null 2>&1; do
         if ! kill -0 "$pid" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
             echo "$kind did not start serving NBD:" >&2
-            cat "$work/$side.log" >&2
+            cat "$work/$side"*.log >&2
             exit 1
         fi
         sleep 0.1
     done
+}
+
+# field CONFIG NODE KEY: one field of `replctl status --json`
+field() {
+    "$REPLCTL" --config "$1" --node "$2" status --json |
+        $PY -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$3"
+}
+
+# wait_state CONFIG NODE WHAT PYTHON-EXPR-ON-s [TIMEOUT_S]: poll the status
+wait_state() {
+    local config=$1 node=$2 what=$3 expr=$4 limit=${5:-$STATE_TIMEOUT_S}
+    local deadline=$((SECONDS + limit))
+    until "$REPLCTL" --config "$config" --node "$node" status --json 2>/dev/null |
+        $PY -c "import json, sys; s = json.load(sys.stdin); sys.exit(0 if ($expr) else 1)" 2>/dev/null; do
+        if [ $SECONDS -ge $deadline ]; then
+            echo "$node: $what: not reached in ${limit}s" >&2
+            "$REPLCTL" --config "$config" --node "$node" status --json >&2 || true
+            cat "$work"/*.log >&2
+            exit 1
+        fi
+        sleep 0.05
+    done
+}
+
+# start_pair SIDE FILE PORT DIRECT: alpha (Primary, NBD on PORT, disk FILE)
+# and bravo (disk FILE with -peer before .img) as one protocol-C resource,
+# fresh disks marked in sync (new-current-uuid --clear-bitmap).
+start_pair() {
+    local side=$1 file=$2 port=$3 direct=$4
+    local peer=${file%.img}-peer.img config="$work/$side.toml"
+    cat >"$config" <<TOML
+resource = "vm1"
+protocol = "C"
+secret = "bench"
+direct = $direct
+
+[nodes.alpha]
+replication = "127.0.0.1:$(free_port)"
+nbd = "127.0.0.1:$port"
+control = "$work/$side-alpha.sock"
+disk = "$file"
+meta = "$work/$side-alpha.meta"
+
+[nodes.bravo]
+replication = "127.0.0.1:$(free_port)"
+nbd = "127.0.0.1:$(free_port)"
+control = "$work/$side-bravo.sock"
+disk = "$peer"
+meta = "$work/$side-bravo.meta"
+TOML
+    local node pid
+    side_pids[$side]=""
+    for node in alpha bravo; do
+        "$REPLCTL" --config "$config" --node $node create-md >/dev/null
+        "$REPLICATORD" --config "$config" --node $node 2>"$work/$side-$node.log" &
+        pid=$!
+        pids+=("$pid")
+        side_pids[$side]="${side_pids[$side]} $pid"
+        side_pids[$side-$node]=$pid
+    done
+    wait_state "$config" alpha "connected" 's["connection"] == "Connected"'
+    "$REPLCTL" --config "$config" --node alpha new-current-uuid --clear-bitmap >/dev/null
+    wait_state "$config" alpha "both UpToDate" \
+        's["disk"] == "UpToDate" and s["peer_disk"] == "UpToDate" and s["replication"] == "Established"'
+    "$REPLCTL" --config "$config" --node alpha primary >/dev/null
+    wait_nbd "replicatord pair" "$side" "$port" "${side_pids[$side-alpha]}"
+}
+
+# peak_rss_mib PID...: sum of VmHWM of the processes, in MiB
+peak_rss_mib() {
+    local pid total=0 kb
+    for pid in "$@"; do
+        kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status")
+        total=$((total + kb))
+    done
+    echo "$((total / 1024))"
 }
 
 stop_servers() {
@@ -146,19 +250,29 @@ for name, value in rows:
 PY
 }
 
-# table BACKING_LABEL
+# table BACKING_LABEL SIDE...: one column per side, ratios to the first
 table() {
-    $PY - "$work/base.results" "$work/ours.results" "$1" "$OURS" <<'PY'
+    local label=$1
+    shift
+    $PY - "$work" "$label" "$OURS" "$@" <<'PY'
 import sys
-base = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
-ours = dict(l.rstrip("\n").split("\t") for l in open(sys.argv[2]))
-print("backing: %s; ours = %s" % (sys.argv[3], sys.argv[4]))
-print("| %-36s | %10s | %10s | %10s |" % ("workload", "qemu-nbd", "ours", "ours/qemu"))
-print("|%s|%s|%s|%s|" % ("-" * 38, "-" * 12, "-" * 12, "-" * 12))
-for name, q in base:
-    q, o = float(q), float(ours[name])
-    ratio = o / q if q else float("nan")
-    print("| %-36s | %10.1f | %10.1f | %10.2f |" % (name, q, o, ratio))
+work, label, ours_kind, sides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+names = {"base": "qemu-nbd", "ours": "alone" if ours_kind == "replicatord" else ours_kind,
+         "repl": "replicated"}
+cols = [dict(l.rstrip("\n").split("\t") for l in open("%s/%s.results" % (work, s))) for s in sides]
+rows = [l.rstrip("\n").split("\t")[0] for l in open("%s/%s.results" % (work, sides[0]))]
+print("backing: %s; alone = %s without a peer; replicated = primary of two nodes, protocol C"
+      % (label, ours_kind))
+head = "| %-36s |" % "workload" + "".join(" %10s |" % names[s] for s in sides)
+short = {"ours": names["ours"][:5], "repl": "repl"}
+head += "".join(" %10s |" % ("%s/qemu" % short[s]) for s in sides[1:])
+print(head)
+print("|" + "-" * 38 + "|" + "|".join("-" * 12 for _ in range(2 * len(sides) - 1)) + "|")
+for name in rows:
+    vals = [float(c[name]) for c in cols]
+    line = "| %-36s |" % name + "".join(" %10.1f |" % v for v in vals)
+    line += "".join(" %10.2f |" % (v / vals[0] if vals[0] else float("nan")) for v in vals[1:])
+    print(line)
 print("(latency rows: a ratio above 1 means slower; other rows: above 1 means faster)")
 PY
 }
@@ -167,14 +281,20 @@ PY
 bench_on() {
     local label=$1 dir=$2 direct=$3
     declare -A uri
-    local side kind port
-    for side in base ours; do
-        kind=qemu-nbd
-        [ "$side" = ours ] && kind=$OURS
-        # An allocated (non-sparse) file, as a real backing disk would be.
-        dd if=/dev/zero of="$dir/$side.img" bs=1M count="$SIZE_MIB" status=none
+    local side kind port sides="base ours"
+    if [ "$REPLICATED" = 1 ]; then sides="base ours repl"; fi
+    for side in $sides; do
         port=$(free_port)
-        start_server "$kind" "$side" "$dir/$side.img" "$port" "$direct"
+        # Allocated (non-sparse) files, as a real backing disk would be.
+        dd if=/dev/zero of="$dir/$side.img" bs=1M count="$SIZE_MIB" status=none
+        case "$side" in
+        base) start_server qemu-nbd "$side" "$dir/$side.img" "$port" "$direct" ;;
+        ours) start_server "$OURS" "$side" "$dir/$side.img" "$port" "$direct" ;;
+        repl)
+            dd if=/dev/zero of="$dir/$side-peer.img" bs=1M count="$SIZE_MIB" status=none
+            start_pair "$side" "$dir/$side.img" "$port" "$direct"
+            ;;
+        esac
         uri[$side]="nbd://127.0.0.1:$port/vm1"
         # Write the whole export once so reads hit written data.
         fio --name=fill --ioengine=nbd --uri="${uri[$side]}" --size="${SIZE_MIB}m" \
@@ -182,30 +302,104 @@ bench_on() {
             --output="$work/$side-fill.json" >/dev/null
     done
     local i=0 job name order
+    # shellcheck disable=SC2206 # sides is a list of words
+    local list=($sides) n
+    n=${#list[@]}
     for job in "${jobs[@]}"; do
         read -r name args <<<"$job"
-        order="base ours"
-        [ $((i % 2)) = 1 ] && order="ours base"
+        # Rotate which side goes first.
+        order=""
+        for ((k = 0; k < n; k++)); do order="$order ${list[$(((i + k) % n))]}"; done
         for side in $order; do
             # shellcheck disable=SC2086 # args is a list of fio options
             fio_job "$side" "$name" "${uri[$side]}" $args
         done
         i=$((i + 1))
     done
+    local rss_rows=()
+    for side in $sides; do
+        # shellcheck disable=SC2086 # one or two pids
+        rss_rows+=("$side $(peak_rss_mib ${side_pids[$side]})")
+    done
     stop_servers
-    results base
-    results ours
-    table "$label"
-    rm -f "$work"/*.results "$work"/*.json "$dir/base.img" "$dir/ours.img"
+    for side in $sides; do results "$side"; done
+    # shellcheck disable=SC2086 # sides is a list of words
+    table "$label" $sides
+    echo "peak RSS (VmHWM) after the fio jobs, MiB:" \
+        "$(printf '%s; ' "${rss_rows[@]}")(repl = primary + secondary)"
+    echo
+    rm -f "$work"/*.results "$work"/*.json "$dir"/*.img
+}
+
+# resync_on LABEL DIR DIRECT: time to resync RESYNC_MIB of out-of-sync data
+# against nbdcopy of the same data between two qemu-nbd exports.
+resync_on() {
+    local label=$1 dir=$2 direct=$3
+    local config="$work/resync.toml" port t0 t1 oos
+    port=$(free_port)
+    dd if=/dev/zero of="$dir/resync.img" bs=1M count="$RESYNC_MIB" status=none
+    dd if=/dev/zero of="$dir/resync-peer.img" bs=1M count="$RESYNC_MIB" status=none
+    start_pair resync "$dir/resync.img" "$port" "$direct"
+    "$REPLCTL" --config "$config" --node bravo disconnect >/dev/null
+    wait_state "$config" alpha "sees bravo gone" 's["connection"] != "Connected"'
+    # Random-looking data (fio's buffers), the whole export.
+    fio --name=dirty --ioengine=nbd --uri="nbd://127.0.0.1:$port/vm1" \
+        --size="${RESYNC_MIB}m" --rw=write --bs=1m --iodepth=16 \
+        --output-format=json --output="$work/dirty.json" >/dev/null
+    oos=$(field "$config" alpha out_of_sync_bytes)
+    t0=$EPOCHREALTIME
+    "$REPLCTL" --config "$config" --node bravo connect >/dev/null
+    wait_state "$config" alpha "resync done" \
+        's["replication"] == "Established" and s["out_of_sync_bytes"] == 0 and s["peer_disk"] == "UpToDate"' \
+        "$RESYNC_TIMEOUT_S"
+    t1=$EPOCHREALTIME
+    local sent rss_a rss_b
+    sent=$(field "$config" alpha resync_transferred_bytes)
+    rss_a=$(peak_rss_mib "${side_pids[resync-alpha]}")
+    rss_b=$(peak_rss_mib "${side_pids[resync-bravo]}")
+    stop_servers
+    # The same data through nbdcopy: alpha's replica as the source.
+    dd if=/dev/zero of="$dir/copy.img" bs=1M count="$RESYNC_MIB" status=none
+    local src dst c0 c1
+    src=$(free_port)
+    dst=$(free_port)
+    start_server qemu-nbd copysrc "$dir/resync.img" "$src" "$direct"
+    start_server qemu-nbd copydst "$dir/copy.img" "$dst" "$direct"
+    c0=$EPOCHREALTIME
+    nbdcopy "nbd://127.0.0.1:$src/vm1" "nbd://127.0.0.1:$dst/vm1"
+    c1=$EPOCHREALTIME
+    local rss_q
+    rss_q=$(peak_rss_mib "${side_pids[copysrc]}" "${side_pids[copydst]}")
+    stop_servers
+    cmp -s "$dir/copy.img" "$dir/resync.img" || { echo "nbdcopy copy differs" >&2; exit 1; }
+    $PY - "$label" "$RESYNC_MIB" "$oos" "$sent" "$t0" "$t1" "$c0" "$c1" "$rss_a" "$rss_b" "$rss_q" <<'PY'
+import sys
+label, mib, oos, sent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+t0, t1, c0, c1 = map(float, sys.argv[5:9])
+rss_a, rss_b, rss_q = sys.argv[9:12]
+r, c = t1 - t0, c1 - c0
+print("backing: %s; %d MiB out of sync (%d bytes marked, %d sent by the resync)" % (label, mib, oos, sent))
+print("| %-36s | %10s | %10s | %10s |" % ("", "nbdcopy", "resync", "resync/nbdcopy"))
+print("|%s|%s|%s|%s|" % ("-" * 38, "-" * 12, "-" * 12, "-" * 16))
+print("| %-36s | %10.2f | %10.2f | %14.2f |" % ("%d MiB (s)" % mib, c, r, r / c))
+print("| %-36s | %10.1f | %10.1f | %14.2f |" % ("rate (MiB/s)", mib / c, mib / r, c / r))
+print("peak RSS (VmHWM), MiB: resync primary %s, secondary %s; the two qemu-nbd for nbdcopy %s" % (rss_a, rss_b, rss_q))
+PY
+    echo
+    rm -f "$work"/*.json "$dir"/*.img
 }
 
 echo "fio nbd engine, ${RUNTIME_S}s per job, ${SIZE_MIB} MiB export, $(nproc) CPUs, $(date -u +%F)"
 case "$BACKING" in
-disk | both) bench_on "file under /var/tmp, O_DIRECT" "$work" true ;;
+disk | both)
+    bench_on "file under /var/tmp, O_DIRECT" "$work" true
+    if [ "$REPLICATED" = 1 ]; then resync_on "file under /var/tmp, O_DIRECT" "$work" true; fi
+    ;;
 esac
 case "$BACKING" in
 tmpfs | both)
     shm_dir=$(mktemp -d /dev/shm/nbd-bench.XXXXXX)
     bench_on "file on tmpfs, page cache" "$shm_dir" false
+    if [ "$REPLICATED" = 1 ]; then resync_on "file on tmpfs, page cache" "$shm_dir" false; fi
     ;;
 esac
