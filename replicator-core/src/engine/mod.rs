@@ -209,8 +209,11 @@ impl Engine {
             last_ping: Time(0),
             cfg,
         };
-        if crashed_primary {
-            // The AL names every extent that may hold a write the peer lacks.
+        let unclean = !flags.contains(MetaFlags::CLEAN_SHUTDOWN);
+        if crashed_primary || unclean {
+            // The AL names every extent that may hold a write the peer lacks
+            // (a crashed Primary) or that this node may have lost from its
+            // volatile cache (a crashed Secondary).
             for ext in &al_active {
                 let start = u64::from(ext.0) * crate::activity_log::AL_EXTENT_BYTES;
                 if start < e.cfg.size_bytes {
@@ -333,6 +336,14 @@ impl Engine {
             resync: self.resync_progress(),
             split_brain: self.split_brain,
         }
+    }
+
+    /// Bytes compared so far and bytes in all of an online verify this node
+    /// drives (VerifyS); `None` when it drives none.
+    pub fn verify_progress(&self) -> Option<(u64, u64)> {
+        let v = self.verify.as_ref().filter(|v| v.driver && !v.done)?;
+        let in_flight: u64 = v.pending.values().map(|p| p.1).sum();
+        Some((v.cursor.saturating_sub(in_flight), self.cfg.size_bytes))
     }
 
     // ----- small helpers shared by the submodules -----
