@@ -348,6 +348,7 @@ pub async fn start(config: &Config, node_name: &str) -> Result<NodeHandle, RunEr
         publish_pending: false,
         status_dirty: false,
         resync_seen: None,
+        verify_seen: None,
         nbd_addr: node.nbd.clone(),
         activated,
         export: ExportConfig {
@@ -412,6 +413,8 @@ struct Runtime {
     status_dirty: bool,
     /// When this node first saw the running resync, and its progress then.
     resync_seen: Option<(Instant, u64)>,
+    /// The same for a verify this node drives.
+    verify_seen: Option<(Instant, u64)>,
     nbd_addr: crate::config::NbdAddress,
     activated: Vec<Arc<Listener>>,
     export: ExportConfig,
@@ -730,6 +733,23 @@ impl Runtime {
                     .unwrap_or(0);
             }
         }
+        self.ctx.verify = match self.engine.verify_progress() {
+            None => {
+                self.verify_seen = None;
+                None
+            }
+            Some((done_bytes, total_bytes)) => {
+                let (since, done0) = *self.verify_seen.get_or_insert((Instant::now(), done_bytes));
+                let elapsed_ms = since.elapsed().as_millis().max(1) as u64;
+                let rate = done_bytes.saturating_sub(done0).saturating_mul(1000) / elapsed_ms;
+                Some(crate::control::protocol::Progress {
+                    done_bytes,
+                    total_bytes,
+                    rate_bytes_per_s: rate,
+                    eta_s: total_bytes.saturating_sub(done_bytes).checked_div(rate),
+                })
+            }
+        };
         status_report(&status, &self.ctx)
     }
 

@@ -530,6 +530,11 @@ async fn verify_finds_a_damaged_block_and_resync_repairs_it() {
         f.write_all_at(b"damage", 200 * 1024).unwrap();
     }
     ok(a.request(Request::Verify).await);
+    // The verify this node drives shows its progress over the whole device.
+    let s = a.status().await.unwrap();
+    let v = s.verify.expect("verify progress while it runs");
+    assert_eq!(v.total_bytes, s.size_bytes);
+    assert!(v.done_bytes <= v.total_bytes);
     let s = wait_for(&a, "verify found the damage", |s| {
         s.replication == ReplicationState::Established && s.out_of_sync_bytes > 0
     })
