@@ -409,9 +409,11 @@ fn secondary_answers_barrier_only_after_earlier_writes_and_a_flush() {
             id: RequestId(1001),
         }),
     );
-    let outs = drain(&mut p.b);
+    // The Secondary's AL transaction (a metadata write) comes first.
+    let outs = settle_meta(&mut p.b);
     let ops = disk_ops(&outs);
     assert_eq!(ops.len(), 1, "only the write, no flush yet: {outs:?}");
+    assert!(matches!(ops[0].1, DiskOp::Write { offset: 0, .. }));
     let outs = done(&mut p.b, ops[0].0);
     assert_eq!(
         sent(&outs)[0],

@@ -79,6 +79,7 @@ fn metadata_slot_torn_by_a_crash_falls_back_to_the_other_slot() {
     // the other slot and the pair still converges.
     for r in pass(Scenario::TornMetadataSlot, &[1, 2, 3]) {
         assert_eq!(r.crashes, 1, "{r:?}");
+        assert_eq!(r.torn_superblock_writes, 1, "{r:?}");
     }
 }
 
@@ -126,4 +127,16 @@ fn same_seed_replays_the_same_run() {
     let a = run(&SimConfig::new(77, Scenario::Random)).expect("seed 77");
     let b = run(&SimConfig::new(77, Scenario::Random)).expect("seed 77");
     assert_eq!(format!("{a:?}"), format!("{b:?}"));
+}
+
+#[test]
+fn primary_crash_then_promoted_secondary_crash_still_converges() {
+    // Regression (found by the random simulator): the Primary crashes, the
+    // Secondary is promoted and crashes at once, losing mirrored writes from
+    // its volatile cache while the only record of them (the old Primary's
+    // transfer log) is gone. The Secondary's own AL marks those extents, so
+    // the replicas converge.
+    let r = run(&SimConfig::new(4151800119742464954, Scenario::Random))
+        .unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!((r.crashes, r.failovers), (2, 1), "{r:?}");
 }

@@ -90,6 +90,8 @@ pub(super) struct PeerWrite {
     pub fua: bool,
     pub epoch: u64,
     pub started: bool,
+    /// Waiting for this AL transaction before the disk write.
+    pub al_wait: Option<u64>,
 }
 
 /// Secondary-side state for the peer's writes and barriers.
@@ -215,12 +217,28 @@ impl Engine {
         match item {
             DataItem::App(id) => self.try_start_app(id),
             DataItem::Peer(k) => {
+                // The Secondary keeps an AL too (as DRBD 9 does): if it
+                // crashes with mirrored writes in its volatile cache and the
+                // Primary is gone as well, its AL names the extents to resync.
                 let (s, e) = self.item_range(item);
+                let wait = match self.al.begin_write(s, e - s) {
+                    Ok(AlDecision::Blocked(_)) => return false,
+                    Ok(AlDecision::Ready) => None,
+                    Ok(AlDecision::AwaitCommit { sequence }) => Some(sequence),
+                    Ok(AlDecision::Persist(tx)) => {
+                        let seq = tx.sequence;
+                        self.persist_al_transaction(tx);
+                        Some(seq)
+                    }
+                    Err(err) => panic!("AL refused a validated peer write {s}+{}: {err}", e - s),
+                };
                 self.locks.push((s, e, LockOwner::Peer(k)));
                 let w = self.peer.writes.get_mut(&k).expect("queued peer write");
                 w.started = true;
-                let kind = disk_op(w.offset, w.len, &w.payload, w.fua);
-                self.new_op(OpPurpose::PeerWrite(k), kind);
+                w.al_wait = wait;
+                if wait.is_none() {
+                    self.issue_peer_write(k);
+                }
                 true
             }
             DataItem::ResyncRead(k) | DataItem::ResyncWrite(k) => {
@@ -297,7 +315,28 @@ impl Engine {
     }
 
     /// The AL transaction `seq` is durable: start the writes waiting on it.
+    fn issue_peer_write(&mut self, k: u64) {
+        let w = &self.peer.writes[&k];
+        let kind = disk_op(w.offset, w.len, &w.payload, w.fua);
+        self.new_op(OpPurpose::PeerWrite(k), kind);
+    }
+
     pub(super) fn al_committed(&mut self, seq: u64) {
+        let peer_waiting: Vec<u64> = self
+            .peer
+            .writes
+            .iter()
+            .filter(|(_, w)| w.al_wait == Some(seq))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in peer_waiting {
+            self.peer
+                .writes
+                .get_mut(&k)
+                .expect("waiting peer write")
+                .al_wait = None;
+            self.issue_peer_write(k);
+        }
         let waiting: Vec<ClientId> = self
             .app
             .iter()
@@ -572,8 +611,10 @@ impl Engine {
             return;
         }
         let len = u64::from(len_bytes);
-        if !self.range_ok(offset, len) {
-            self.protocol_error(format!("Write {id} outside the device: {offset}+{len}"));
+        if !self.range_ok(offset, len) || len > crate::wire::MAX_WRITE_PAYLOAD_BYTES as u64 {
+            self.protocol_error(format!(
+                "Write {id} outside the device or too long: {offset}+{len}"
+            ));
             return;
         }
         if self.peer.writes.len() >= MAX_PEER_WRITES_IN_FLIGHT {
@@ -607,6 +648,7 @@ impl Engine {
                 fua: flags & WRITE_FLAG_FUA != 0,
                 epoch: self.peer.epoch,
                 started: false,
+                al_wait: None,
             },
         );
         self.data_queue.push_back(DataItem::Peer(key));
@@ -618,6 +660,7 @@ impl Engine {
         let Some(w) = self.peer.writes.remove(&key) else {
             return;
         };
+        let _ = self.al.end_write(w.offset, w.len);
         if !ok {
             self.mark_oos(w.offset, w.len);
         }

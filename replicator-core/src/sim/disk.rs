@@ -131,9 +131,14 @@ impl SimDisk {
 
     /// A write that was in flight at a crash lands partly: a random prefix
     /// of its sectors (used for metadata writes).
-    pub fn torn_write(&mut self, offset: u64, data: &[u8], rng: &mut SplitMix64) {
+    /// With `partial`, at least one sector lands and at least one does not.
+    pub fn torn_write(&mut self, offset: u64, data: &[u8], partial: bool, rng: &mut SplitMix64) {
         let sectors = (data.len() as u64).div_ceil(SIM_SECTOR_BYTES);
-        let keep = rng.below(sectors + 1);
+        let keep = if partial && sectors > 1 {
+            1 + rng.below(sectors - 1)
+        } else {
+            rng.below(sectors + 1)
+        };
         let n = (keep * SIM_SECTOR_BYTES).min(data.len() as u64) as usize;
         self.durable.write(offset, &data[..n]);
         self.visible.write(offset, &data[..n]);

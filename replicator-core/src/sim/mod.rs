@@ -101,6 +101,7 @@ pub struct SimReport {
     pub frames_corrupted: u64,
     pub frames_duplicated: u64,
     pub split_brains_seen: u64,
+    pub torn_superblock_writes: u64,
     pub sim_time_ns: u64,
 }
 
@@ -175,6 +176,8 @@ struct Node {
     /// Per-sector floor this node's durable image must meet after a crash.
     durable_floor: Floors,
     tear_next_meta: bool,
+    /// Crash (tearing it) at the next superblock write this node issues.
+    crash_on_superblock_write: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -315,6 +318,21 @@ impl World {
                 self.nodes[node].name
             ))
         })?;
+        self.log(format!(
+            "{} loads: slot {} seq {} flags {:#x} uuids {:x?} bits {} AL {:?} (seq {})",
+            self.nodes[node].name,
+            meta.superblock_slot,
+            meta.superblock.sequence,
+            meta.superblock.flags.0,
+            meta.superblock.uuids,
+            meta.bitmap.count(),
+            meta.al
+                .active_extents()
+                .iter()
+                .map(|e| e.0)
+                .collect::<Vec<_>>(),
+            meta.al.last_sequence
+        ));
         let seed = self.rng.next_u64();
         let cfg = self.engine_cfg(node);
         let mut engine = Engine::new(cfg, meta, seed)
@@ -366,10 +384,38 @@ impl World {
         let name = self.nodes[node].name;
         match o {
             Output::Disk { op, kind } => {
+                if self.cfg.verbose {
+                    let what = match &kind {
+                        DiskOp::Read { offset, len_bytes } => format!("read {offset}+{len_bytes}"),
+                        DiskOp::Write { offset, data, fua } => {
+                            format!("write {offset}+{} fua={fua}", data.len())
+                        }
+                        DiskOp::Zero {
+                            offset, len_bytes, ..
+                        } => format!("zero {offset}+{len_bytes}"),
+                        DiskOp::Trim { offset, len_bytes } => format!("trim {offset}+{len_bytes}"),
+                        DiskOp::Flush => "flush".to_string(),
+                        DiskOp::MetaWrite { offset_bytes, data } => {
+                            format!("meta {offset_bytes}+{}", data.len())
+                        }
+                    };
+                    self.log(format!("{name}: {op:?} {what}"));
+                }
                 let lat = match kind {
                     DiskOp::Flush => 50_000 + self.rng.below(400_000),
                     _ => 10_000 + self.rng.below(200_000),
                 };
+                if let DiskOp::MetaWrite { offset_bytes, .. } = kind {
+                    if self.nodes[node].crash_on_superblock_write
+                        && self.is_superblock_write(offset_bytes)
+                    {
+                        self.nodes[node].crash_on_superblock_write = false;
+                        self.at(
+                            self.now + 1,
+                            Ev::Script(Action::CrashTearingSuperblock(node)),
+                        );
+                    }
+                }
                 self.nodes[node].inflight.insert(op, kind);
                 let inc = self.nodes[node].inc;
                 self.at(self.now + lat, Ev::Disk { node, inc, op });
@@ -762,18 +808,18 @@ impl World {
         self.log(format!("CRASH {name}"));
         let inflight = std::mem::take(&mut self.nodes[node].inflight);
         let tear = std::mem::take(&mut self.nodes[node].tear_next_meta);
-        let mut torn_one = false;
         for (_, op) in inflight {
             if let DiskOp::MetaWrite { offset_bytes, data } = op {
-                if tear || self.rng.chance(1, 4) {
+                let slot = self.is_superblock_write(offset_bytes);
+                if (tear && slot) || self.rng.chance(1, 4) {
                     let (n, rng) = (&mut self.nodes[node], &mut self.rng);
-                    n.meta.torn_write(offset_bytes, &data, rng);
-                    torn_one = true;
+                    n.meta.torn_write(offset_bytes, &data, tear && slot, rng);
+                    if tear && slot {
+                        self.report.torn_superblock_writes += 1;
+                        self.log(format!("{name}: superblock write at {offset_bytes} torn"));
+                    }
                 }
             }
-        }
-        if tear && !torn_one {
-            self.log("no metadata write was in flight to tear".to_string());
         }
         let n = &mut self.nodes[node];
         n.engine = None;
@@ -818,6 +864,15 @@ impl World {
                 }
             }
             Action::CrashTearingSuperblock(n) => {
+                let in_flight = self.nodes[n].inflight.values().any(|op| {
+                    matches!(op, DiskOp::MetaWrite { offset_bytes, .. }
+                        if self.is_superblock_write(*offset_bytes))
+                });
+                if !in_flight {
+                    // Crash at the node's next superblock write instead.
+                    self.nodes[n].crash_on_superblock_write = true;
+                    return Ok(());
+                }
                 self.nodes[n].tear_next_meta = true;
                 self.crash(n)?;
                 if n == self.client_node {
@@ -922,6 +977,9 @@ impl World {
             }
             Action::EndSafety => {
                 self.safety_over = true;
+                for n in &mut self.nodes {
+                    n.crash_on_superblock_write = false;
+                }
                 self.client_on = false;
             }
         }
@@ -1002,6 +1060,11 @@ impl World {
     }
 
     // ----- invariants -----
+
+    fn is_superblock_write(&self, offset_bytes: u64) -> bool {
+        let start = self.layout.superblock_offset_bytes;
+        (start..start + 2 * SUPERBLOCK_SLOT_BYTES).contains(&offset_bytes)
+    }
 
     fn check_invariants(&self) -> Result<(), SimFailure> {
         let (a, b) = (self.engine(0), self.engine(1));
@@ -1139,6 +1202,7 @@ fn new_node(name: &'static str, layout: &MetadataLayout) -> Result<Node, String>
         tick_at: None,
         durable_floor: Floors::new(),
         tear_next_meta: false,
+        crash_on_superblock_write: false,
     })
 }
 
