@@ -171,6 +171,8 @@ TOML
     local node pid
     side_pids[$side]=""
     for node in alpha bravo; do
+        # Fresh metadata for fresh disks (a previous pass may have left some).
+        rm -f "$work/$side-$node.meta"
         "$REPLCTL" --config "$config" --node $node create-md >/dev/null
         "$REPLICATORD" --config "$config" --node $node 2>"$work/$side-$node.log" &
         pid=$!
