@@ -26,6 +26,16 @@ fn layout() -> MetadataLayout {
 }
 
 fn engine(node: &str, peer: &str, protocol: ProtocolMode, secret: &[u8]) -> Engine {
+    engine_with_rate(node, peer, protocol, secret, None)
+}
+
+fn engine_with_rate(
+    node: &str,
+    peer: &str,
+    protocol: ProtocolMode,
+    secret: &[u8],
+    resync_rate_bytes_per_s: Option<u64>,
+) -> Engine {
     let l = layout();
     let created = metadata::create(&l, "r", node, MIN_AL_EXTENTS).expect("create-md");
     let cfg = EngineConfig {
@@ -39,7 +49,7 @@ fn engine(node: &str, peer: &str, protocol: ProtocolMode, secret: &[u8]) -> Engi
         split_brain: SplitBrainPolicy::Disconnect,
         al_extents: MIN_AL_EXTENTS,
         meta_layout: l,
-        resync_rate_bytes_per_s: None,
+        resync_rate_bytes_per_s,
         sim_fault: SimFault::None,
     };
     let meta = LoadedMetadata {
@@ -135,9 +145,13 @@ struct Pair {
 
 impl Pair {
     fn new(protocol: ProtocolMode) -> Pair {
+        Pair::with_target_rate(protocol, None)
+    }
+
+    fn with_target_rate(protocol: ProtocolMode, rate: Option<u64>) -> Pair {
         let mut p = Pair {
             a: engine("alpha", "bravo", protocol, b"s"),
-            b: engine("bravo", "alpha", protocol, b"s"),
+            b: engine_with_rate("bravo", "alpha", protocol, b"s", rate),
         };
         for e in [&mut p.a, &mut p.b] {
             e.handle(Time(0), Input::Admin(AdminCommand::Connect));
@@ -732,4 +746,53 @@ fn paused_sync_target_sends_no_requests_until_resumed() {
     p.run(&mut Vec::new(), &mut Vec::new());
     assert_eq!(p.b.status().replication, ReplState::Established);
     assert_eq!(p.b.status().out_of_sync_bytes, 0);
+}
+
+#[test]
+fn resync_rate_limit_throttles_requests_and_sets_a_deadline() {
+    // resync_rate bounds the bytes requested per second: with 1 MiB/s and
+    // 4 MiB dirty, the first burst stops early, the engine asks for a tick,
+    // and the resync only finishes after enough (engine) time has passed.
+    let rate = 1 << 20;
+    let mut p = Pair::with_target_rate(ProtocolMode::C, Some(rate));
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Disconnected);
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    for i in 0..4u64 {
+        p.a.handle(
+            Time(0),
+            Input::Client {
+                id: ClientId(100 + i),
+                request: ClientRequest::Write {
+                    offset: i << 20,
+                    data: Bytes::from(vec![1u8; 1 << 20]),
+                    fua: false,
+                },
+            },
+        );
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Connected);
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    assert_eq!(p.b.status().replication, ReplState::SyncTarget);
+    let left = p.b.status().out_of_sync_bytes;
+    assert!(left > 3 << 20, "burst limited: {left} bytes left");
+    let mut now = 0u64;
+    let mut ticks = 0;
+    while p.b.status().replication == ReplState::SyncTarget {
+        let d =
+            p.b.next_deadline()
+                .expect("a throttled resync asks for a tick");
+        now = now.max(d.0);
+        p.b.handle(Time(now), Input::Tick);
+        p.run(&mut Vec::new(), &mut Vec::new());
+        ticks += 1;
+        assert!(ticks < 10_000, "resync never finished");
+    }
+    assert_eq!(p.b.status().out_of_sync_bytes, 0);
+    // 4 MiB at 1 MiB/s after a 128 KiB head start: close to 4 s.
+    assert!(now >= 3_500_000_000, "finished too early: {now} ns");
 }
