@@ -796,3 +796,74 @@ fn resync_rate_limit_throttles_requests_and_sets_a_deadline() {
     // 4 MiB at 1 MiB/s after a 128 KiB head start: close to 4 s.
     assert!(now >= 3_500_000_000, "finished too early: {now} ns");
 }
+
+#[test]
+fn verify_done_racing_its_own_requests_drops_the_link_without_panicking() {
+    // Out-of-protocol order from the peer (VerifyDone while our verify read
+    // for its request is still queued/in flight) closes the link.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.b.handle(
+        Time(0),
+        Input::PeerFrame(Message::VerifyRequest {
+            id: RequestId(1),
+            offset: 0,
+            len_bytes: 4096,
+        }),
+    );
+    p.b.handle(Time(0), Input::PeerFrame(Message::VerifyDone));
+    let outs = drain(&mut p.b);
+    assert!(
+        outs.iter().any(|o| matches!(o, Output::CloseLink { .. })),
+        "{outs:?}"
+    );
+    // The read still completes without touching freed state.
+    for (op, _) in disk_ops(&outs) {
+        p.b.handle(
+            Time(0),
+            Input::DiskDone {
+                op,
+                result: Ok(Bytes::from(vec![0u8; 4096])),
+            },
+        );
+    }
+    assert_eq!(p.b.status().replication, ReplState::Off);
+}
+
+#[test]
+fn resync_done_while_requests_are_outstanding_is_a_protocol_error() {
+    // A SyncSource told "done" while it still serves requests drops the
+    // link instead of forgetting queued work.
+    let mut p = Pair::new(ProtocolMode::C);
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Disconnected);
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    p.a.handle(Time(0), write_req(1, 0, false));
+    p.run(&mut Vec::new(), &mut Vec::new());
+    // Connect, but hold bravo's frames so alpha is SyncSource with a request.
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Connected);
+    }
+    for _ in 0..20 {
+        for m in sent(&settle_meta(&mut p.a)) {
+            p.b.handle(Time(0), Input::PeerFrame(m));
+        }
+        for m in sent(&settle_meta(&mut p.b)) {
+            let is_req = matches!(m, Message::ResyncRequest { .. });
+            p.a.handle(Time(0), Input::PeerFrame(m));
+            if is_req {
+                break;
+            }
+        }
+        if p.a.status().replication == ReplState::SyncSource && p.a.pending_disk_ops() > 0 {
+            break;
+        }
+    }
+    assert_eq!(p.a.status().replication, ReplState::SyncSource);
+    p.a.handle(Time(0), Input::PeerFrame(Message::ResyncDone));
+    let outs = drain(&mut p.a);
+    assert!(
+        outs.iter().any(|o| matches!(o, Output::CloseLink { .. })),
+        "{outs:?}"
+    );
+}

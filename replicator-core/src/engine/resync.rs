@@ -484,8 +484,13 @@ impl Engine {
     }
 
     pub(super) fn on_resync_done_from_target(&mut self) {
-        if self.source.is_none() {
-            return self.protocol_error("ResyncDone while not SyncSource".to_string());
+        match self.source.as_ref() {
+            None => return self.protocol_error("ResyncDone while not SyncSource".to_string()),
+            Some(s) if !s.reads.is_empty() => {
+                return self
+                    .protocol_error("ResyncDone with resync requests outstanding".to_string())
+            }
+            Some(_) => {}
         }
         self.source = None;
         if self.bitmap.count() == 0 {
@@ -832,9 +837,13 @@ impl Engine {
     }
 
     pub(super) fn on_verify_done_from_peer(&mut self) {
-        if self.verify.as_ref().is_some_and(|v| !v.driver) {
-            self.verify = None;
+        if self.verify.as_ref().is_some_and(|v| v.driver) {
+            return self.protocol_error("VerifyDone from the peer while we drive".to_string());
         }
+        if self.verify.as_ref().is_some_and(|v| !v.reads.is_empty()) {
+            return self.protocol_error("VerifyDone with verify reads outstanding".to_string());
+        }
+        self.verify = None;
         if self.repl == ReplState::VerifyT {
             self.set_repl(ReplState::Established);
         }
