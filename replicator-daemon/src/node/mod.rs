@@ -10,7 +10,7 @@
 //! replication (the engine does), speak NBD (nbd-frontend does) or frame
 //! peer messages (the transport does).
 //!
-//! Submodules: [`attach`] (metadata on disk → `LoadedMetadata`), [`target`]
+//! Submodules: [`mod@attach`] (metadata on disk → `LoadedMetadata`), [`target`]
 //! (the replicated `BlockTarget`), [`nbd`] (the export's life while primary).
 
 pub mod attach;
