@@ -169,6 +169,94 @@ fn clear_bitmap_shows_both_disks_up_to_date_on_both_nodes() {
     });
 }
 
+/// Peak resident memory (VmHWM) of a process, in bytes.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kb * 1024
+}
+
+#[test]
+fn resync_of_256_mib_keeps_both_daemons_memory_bounded() {
+    // Proves invariant 8 for resync through the page cache: the peak
+    // resident memory of either daemon grows by far less than the amount
+    // resynced (the resync window, link queues and disk queue are bounded).
+    resync_memory_stays_bounded(false);
+}
+
+#[test]
+fn direct_io_resync_of_256_mib_keeps_both_daemons_memory_bounded() {
+    // Proves invariant 8 for resync with O_DIRECT backing files, where the
+    // disk is slower than the link: peak memory still does not follow the
+    // amount resynced.
+    resync_memory_stays_bounded(true);
+}
+
+/// A 256 MiB resync raises neither node's VmHWM by more than
+/// RESYNC_RSS_GROWTH_LIMIT_BYTES.
+fn resync_memory_stays_bounded(direct: bool) {
+    const RESYNC_BYTES: u64 = 256 * MIB;
+    const RESYNC_RSS_GROWTH_LIMIT_BYTES: u64 = 96 * MIB;
+    require_tool("fio", "fio");
+    let c = Cluster::up(ClusterSpec {
+        disk_bytes: RESYNC_BYTES,
+        direct,
+        allocated: true,
+        ..ClusterSpec::default()
+    });
+    c.bravo().replctl_ok(&["disconnect"]);
+    c.alpha()
+        .wait_status("sees bravo gone", STATE_TIMEOUT, |s| {
+            s["connection"] != "Connected"
+        });
+    run_ok_within(
+        Command::new("fio")
+            .args([
+                "--name=dirty",
+                "--ioengine=nbd",
+                "--rw=write",
+                "--bs=1m",
+                "--iodepth=16",
+                "--output-format=json",
+            ])
+            .arg(format!("--size={RESYNC_BYTES}"))
+            .arg(format!("--uri={}", c.alpha().uri()))
+            .arg(format!("--output={}", c.dir().join("dirty.json").display())),
+        FIO_TIMEOUT,
+    );
+    assert_eq!(
+        field_u64(&c.alpha().status(), "out_of_sync_bytes"),
+        RESYNC_BYTES
+    );
+    let pids: Vec<u32> = c.nodes.iter().map(|n| n.pid().expect("running")).collect();
+    let before: Vec<u64> = pids.iter().map(|&p| peak_rss_bytes(p)).collect();
+    c.bravo().replctl_ok(&["connect"]);
+    c.wait_in_sync(Duration::from_secs(300));
+    for (i, &pid) in pids.iter().enumerate() {
+        let after = peak_rss_bytes(pid);
+        let growth = after.saturating_sub(before[i]);
+        eprintln!(
+            "{}: VmHWM {} MiB before the resync, {} MiB after",
+            c.nodes[i].name,
+            before[i] / MIB,
+            after / MIB
+        );
+        assert!(
+            growth <= RESYNC_RSS_GROWTH_LIMIT_BYTES,
+            "{}: peak RSS grew by {} MiB during a {} MiB resync (limit {} MiB)",
+            c.nodes[i].name,
+            growth / MIB,
+            RESYNC_BYTES / MIB,
+            RESYNC_RSS_GROWTH_LIMIT_BYTES / MIB
+        );
+    }
+    c.assert_replicas_identical();
+}
+
 /// Starts both nodes of `spec` and waits until each is StandAlone with a
 /// refusal reason; returns (alpha's, bravo's) reason.
 fn refusal_reasons(spec: ClusterSpec) -> (String, String) {

@@ -40,6 +40,27 @@ const COMPARE_CHUNK_BYTES: usize = 1 << 20;
 /// The shared secret of the generated configs.
 pub const CLUSTER_SECRET: &str = "replication-test-secret";
 
+/// The `replicatord` and `replctl` to run: the ones cargo built for this
+/// test, or those in `REPLICATOR_TEST_BIN_DIR` (e.g. `target/release`, to
+/// run the suite against an optimised build, whose speed exposes
+/// different races and backlogs than a debug build).
+pub fn program(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("REPLICATOR_TEST_BIN_DIR") {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir).join(name);
+        assert!(
+            path.is_file(),
+            "REPLICATOR_TEST_BIN_DIR has no {}",
+            path.display()
+        );
+        return path;
+    }
+    match name {
+        "replicatord" => PathBuf::from(env!("CARGO_BIN_EXE_replicatord")),
+        "replctl" => PathBuf::from(env!("CARGO_BIN_EXE_replctl")),
+        other => panic!("unknown program {other}"),
+    }
+}
+
 /// Where a node keeps its metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Meta {
@@ -60,6 +81,9 @@ pub struct ClusterSpec {
     pub timeout_ms: Option<u64>,
     /// O_DIRECT on the backing files.
     pub direct: bool,
+    /// Write the backing files full of zeroes instead of leaving them
+    /// sparse, as a real disk would be allocated.
+    pub allocated: bool,
     /// Bravo's own secret, resource name and disk size, when they should
     /// differ from alpha's (refusal tests).
     pub bravo_secret: Option<String>,
@@ -75,6 +99,7 @@ impl Default for ClusterSpec {
             proxied: false,
             timeout_ms: None,
             direct: false,
+            allocated: false,
             bravo_secret: None,
             bravo_resource: None,
             bravo_disk_bytes: None,
@@ -99,7 +124,7 @@ pub struct Node {
 impl Node {
     /// `replctl --config C --node N ARGS…`, whatever its exit status.
     pub fn replctl(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_replctl"));
+        let mut cmd = Command::new(program("replctl"));
         cmd.arg("--config")
             .arg(&self.config)
             .args(["--node", self.name])
@@ -109,7 +134,7 @@ impl Node {
 
     /// Like [`Node::replctl`] with a longer limit (for `--wait`).
     pub fn replctl_within(&self, args: &[&str], limit: Duration) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_replctl"));
+        let mut cmd = Command::new(program("replctl"));
         cmd.arg("--config")
             .arg(&self.config)
             .args(["--node", self.name])
@@ -237,7 +262,7 @@ impl Node {
         assert!(self.child.is_none(), "{} already running", self.name);
         self.starts += 1;
         let log = File::create(self.log_path(self.starts)).expect("create daemon log");
-        let child = Command::new(env!("CARGO_BIN_EXE_replicatord"))
+        let child = Command::new(program("replicatord"))
             .arg("--config")
             .arg(&self.config)
             .args(["--node", self.name])
@@ -397,9 +422,13 @@ impl Cluster {
                 spec.disk_bytes
             };
             let disk = d.join(format!("{name}.img"));
-            File::create(&disk)
-                .and_then(|f| f.set_len(size))
-                .expect("create sparse backing file");
+            if spec.allocated {
+                allocate_zeroes(&disk, size);
+            } else {
+                File::create(&disk)
+                    .and_then(|f| f.set_len(size))
+                    .expect("create sparse backing file");
+            }
             let resource = match (bravo, &spec.bravo_resource) {
                 (true, Some(r)) => r.clone(),
                 _ => EXPORT_NAME.to_string(),
@@ -611,6 +640,20 @@ impl Drop for Cluster {
             eprintln!("{}", self.logs());
         }
     }
+}
+
+/// Creates `path` as `size` bytes of written zeroes (no holes).
+fn allocate_zeroes(path: &Path, size: u64) {
+    use std::io::Write;
+    let mut f = File::create(path).expect("create backing file");
+    let chunk = vec![0u8; COMPARE_CHUNK_BYTES];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n]).expect("write zeroes");
+        left -= n as u64;
+    }
+    f.sync_all().expect("sync backing file");
 }
 
 /// Runs qemu-io commands against `uri`; panics unless all succeed.
