@@ -143,3 +143,48 @@ fn primary_kill_during_writes_loses_no_acknowledged_write() {
         n.assert_no_panic_logged();
     }
 }
+
+#[test]
+fn inconsistent_sync_target_refuses_promotion_without_force() {
+    // Proves invariant 6 with real processes: a secondary whose resync was
+    // cut short by the primary's death is Inconsistent, so `replctl
+    // primary` fails with a sentence naming the disk state and serves
+    // nothing; `replctl primary --force` then promotes it and it serves.
+    let mut c = Cluster::up(ClusterSpec {
+        // 8 MiB at 1 MiB/s: the resync is still running when alpha dies.
+        resync_rate: Some("1M".into()),
+        ..ClusterSpec::default()
+    });
+    c.bravo().replctl_ok(&["disconnect"]);
+    c.alpha()
+        .wait_status("sees bravo gone", STATE_TIMEOUT, |s| {
+            s["connection"] != "Connected"
+        });
+    common::cluster::qemu_io(&c.alpha().uri(), &["write -P 0x42 0 8M"]);
+    c.bravo().replctl_ok(&["connect"]);
+    c.bravo().wait_status("is SyncTarget", STATE_TIMEOUT, |s| {
+        s["replication"] == "SyncTarget" && s["disk"] == "Inconsistent"
+    });
+    c.nodes[0].kill_hard();
+    let s = c
+        .bravo()
+        .wait_status("notices alpha is gone", STATE_TIMEOUT, |s| {
+            s["connection"] != "Connected"
+        });
+    assert_eq!(s["disk"], "Inconsistent", "{s}");
+    let out = c.bravo().replctl(&["primary"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an Inconsistent node was promoted without --force"
+    );
+    assert!(
+        err.contains("Inconsistent"),
+        "the refusal does not name the disk state: {err}"
+    );
+    assert_eq!(c.bravo().status()["role"], "Secondary");
+    assert!(!c.bravo().serves_nbd(), "a refused node serves NBD");
+    c.bravo().replctl_ok(&["primary", "--force"]);
+    c.bravo().wait_nbd();
+    assert_eq!(c.bravo().status()["role"], "Primary");
+}

@@ -81,6 +81,8 @@ pub struct ClusterSpec {
     pub timeout_ms: Option<u64>,
     /// O_DIRECT on the backing files.
     pub direct: bool,
+    /// `resync_rate` (e.g. "1M"), unlimited if `None`.
+    pub resync_rate: Option<String>,
     /// Write the backing files full of zeroes instead of leaving them
     /// sparse, as a real disk would be allocated.
     pub allocated: bool,
@@ -99,6 +101,7 @@ impl Default for ClusterSpec {
             proxied: false,
             timeout_ms: None,
             direct: false,
+            resync_rate: None,
             allocated: false,
             bravo_secret: None,
             bravo_resource: None,
@@ -451,6 +454,9 @@ impl Cluster {
             );
             if let Some(t) = spec.timeout_ms {
                 text.push_str(&format!("timeout_ms = {t}\n"));
+            }
+            if let Some(r) = &spec.resync_rate {
+                text.push_str(&format!("resync_rate = \"{r}\"\n"));
             }
             for (j, n) in NODE_NAMES.iter().enumerate() {
                 let meta = match spec.meta {
