@@ -188,3 +188,73 @@ fn inconsistent_sync_target_refuses_promotion_without_force() {
     c.bravo().wait_nbd();
     assert_eq!(c.bravo().status()["role"], "Primary");
 }
+
+/// A child process killed when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls the JSON lines in `path` until one satisfies `pred`; returns it.
+fn wait_event(
+    path: &Path,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        // Only whole lines: the last one may still be being written.
+        for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+            let ev: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("events printed a line that is not JSON ({e}): {line}"));
+            if pred(&ev) {
+                return ev;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no event for {what} within {STATE_TIMEOUT:?}; events so far:\n{text}"
+        );
+        std::thread::sleep(LOG_POLL_INTERVAL);
+    }
+}
+
+#[test]
+fn events_stream_reports_the_primary_loss_and_the_promotion() {
+    // Proves `replctl events` as a failover manager would use it: the
+    // initial dump ends with `exists -`, then the secondary's stream shows
+    // the connection leaving Connected with the peer role Unknown when the
+    // primary is killed, and the resource turning Primary when promoted.
+    let mut c = Cluster::up(ClusterSpec::default());
+    let events = c.dir().join("bravo-events.jsonl");
+    let out = std::fs::File::create(&events).expect("create events file");
+    let child = Command::new(common::cluster::program("replctl"))
+        .arg("--config")
+        .arg(&c.bravo().config)
+        .args(["--node", "bravo", "events"])
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn replctl events");
+    let _events = KillOnDrop(child);
+    wait_event(&events, "the end of the initial dump", |e| {
+        e["type"] == "exists" && e["object"] == "-"
+    });
+    c.nodes[0].kill_hard();
+    wait_event(&events, "the lost connection", |e| {
+        e["type"] == "change"
+            && e["object"] == "connection"
+            && e["connection"].as_str().is_some_and(|s| s != "Connected")
+            && e["peer_role"] == "Unknown"
+    });
+    c.bravo().replctl_ok(&["primary"]);
+    wait_event(&events, "the promotion", |e| {
+        e["type"] == "change" && e["object"] == "resource" && e["role"] == "Primary"
+    });
+}
