@@ -128,6 +128,24 @@ pub fn decide(
     i_win_ties: bool,
 ) -> Decision {
     let (raw, _rule) = compare_uuids(me, peer, i_win_ties);
+    if me.flags.consistent != peer.flags.consistent && raw != Decision::Unrelated {
+        // DRBD's "sync due to disk states": a side that is Inconsistent (an
+        // interrupted resync target; it never served writes of its own) syncs
+        // from the consistent side whatever the UUIDs say. Its current UUID
+        // may have left the other side's bounded history after repeated
+        // interruptions, which would otherwise look like a split brain. When
+        // the UUIDs do not vouch for a bitmap resync from that side, copy
+        // everything.
+        let source = if me.flags.consistent {
+            SyncSource::Me
+        } else {
+            SyncSource::Peer
+        };
+        return match raw {
+            Decision::BitmapResync { source: s } if s == source => raw,
+            _ => Decision::FullSync { source },
+        };
+    }
     match raw {
         Decision::SplitBrain {
             has_common_ancestor: true,

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use replicator_core::engine::rng::SplitMix64;
-use replicator_core::types::GenerationUuids;
+use replicator_core::types::{GenerationUuids, ProtocolMode};
 use replicator_core::wire::RefuseReason;
 
 fn random_message(r: &mut SplitMix64) -> Message {
@@ -36,6 +36,7 @@ fn random_message(r: &mut SplitMix64) -> Message {
             node: if r.chance(1, 2) { "alpha" } else { "bravo" }.into(),
             size_bytes: if r.chance(1, 2) { size } else { r.next_u64() },
             bitmap_block_bytes: 4096,
+            protocol: ProtocolMode::from_code(1 + r.below(3) as u8).expect("1..=3"),
             features: 0,
         },
         1 => Message::AuthChallenge { nonce: digest },

@@ -339,6 +339,121 @@ fn wrong_secret_is_refused_and_goes_standalone() {
     assert_eq!(a.status().connection, ConnState::StandAlone);
 }
 
+/// Connect `a` and `b`, shuttle frames until quiet; return everything each
+/// side output.
+fn handshake_outputs(a: &mut Engine, b: &mut Engine) -> (Vec<Output>, Vec<Output>) {
+    for e in [&mut *a, &mut *b] {
+        e.handle(Time(0), Input::Admin(AdminCommand::Connect));
+        e.handle(Time(0), Input::Connected);
+    }
+    let (mut outs_a, mut outs_b) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        let ob = drain(b);
+        for m in sent(&ob) {
+            a.handle(Time(0), Input::PeerFrame(m));
+        }
+        outs_b.extend(ob);
+        let oa = drain(a);
+        for m in sent(&oa) {
+            b.handle(Time(0), Input::PeerFrame(m));
+        }
+        outs_a.extend(oa);
+    }
+    (outs_a, outs_b)
+}
+
+#[test]
+fn peers_with_different_protocols_refuse_each_other_at_hello() {
+    // Hello carries the protocol: a protocol-A node and a protocol-C node
+    // each refuse the other with ProtocolMismatch, both report it, and both
+    // go StandAlone before authenticating.
+    let mut a = engine("alpha", "bravo", ProtocolMode::A, b"s");
+    let mut b = engine("bravo", "alpha", ProtocolMode::C, b"s");
+    let (outs_a, outs_b) = handshake_outputs(&mut a, &mut b);
+    for (name, outs, e) in [("alpha", &outs_a, &a), ("bravo", &outs_b, &b)] {
+        assert!(
+            outs.iter().any(|o| matches!(
+                o,
+                Output::Send(Message::Refuse {
+                    reason: replicator_core::wire::RefuseReason::ProtocolMismatch,
+                    ..
+                })
+            )),
+            "{name}: {outs:?}"
+        );
+        assert!(
+            outs.iter().any(|o| matches!(
+                o,
+                Output::Event(Event::ProtocolError { detail }) if detail.contains("protocol")
+            )),
+            "{name} reports the reason: {outs:?}"
+        );
+        assert!(!sent(outs)
+            .iter()
+            .any(|m| matches!(m, Message::AuthOk | Message::State { .. })));
+        assert_eq!(e.status().connection, ConnState::StandAlone, "{name}");
+    }
+}
+
+#[test]
+fn peers_with_the_same_protocol_b_connect() {
+    // The protocol check passes when both sides agree (here on B).
+    let mut a = engine("alpha", "bravo", ProtocolMode::B, b"s");
+    let mut b = engine("bravo", "alpha", ProtocolMode::B, b"s");
+    let (outs_a, _) = handshake_outputs(&mut a, &mut b);
+    assert!(!sent(&outs_a)
+        .iter()
+        .any(|m| matches!(m, Message::Refuse { .. })));
+    assert_eq!(a.status().connection, ConnState::Connected);
+    assert_eq!(b.status().connection, ConnState::Connected);
+}
+
+#[test]
+fn barrier_overtaking_an_earlier_write_is_a_protocol_error() {
+    // Write and Barrier ids come from one counter in sending order: a Write
+    // arriving after a Barrier with a higher id was reordered (the barrier
+    // would have acknowledged a flush not covering it), so the link drops
+    // and the write is never applied.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.b.handle(
+        Time(0),
+        Input::PeerFrame(Message::Barrier { id: RequestId(11) }),
+    );
+    drain(&mut p.b);
+    p.b.handle(
+        Time(0),
+        Input::PeerFrame(Message::Write {
+            id: RequestId(10),
+            offset: 0,
+            flags: 0,
+            len_bytes: 512,
+            data: Bytes::from(vec![1u8; 512]),
+        }),
+    );
+    let outs = drain(&mut p.b);
+    assert!(
+        outs.iter().any(|o| matches!(o, Output::CloseLink { .. })),
+        "{outs:?}"
+    );
+    assert!(disk_ops(&outs)
+        .iter()
+        .all(|(_, k)| !matches!(k, DiskOp::Write { .. })));
+    assert_eq!(p.b.status().replication, ReplState::Off);
+    // And a repeated Barrier id likewise.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.b.handle(
+        Time(0),
+        Input::PeerFrame(Message::Barrier { id: RequestId(5) }),
+    );
+    drain(&mut p.b);
+    p.b.handle(
+        Time(0),
+        Input::PeerFrame(Message::Barrier { id: RequestId(5) }),
+    );
+    let outs = drain(&mut p.b);
+    assert!(outs.iter().any(|o| matches!(o, Output::CloseLink { .. })));
+}
+
 #[test]
 fn inconsistent_node_refuses_primary_unless_forced() {
     // Invariant 6: stale data is not promoted without --force.

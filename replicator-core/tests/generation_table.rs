@@ -431,3 +431,46 @@ fn disconnect_policy_keeps_split_brain() {
     );
     assert!(matches!(d, Decision::SplitBrain { .. }));
 }
+
+#[test]
+fn inconsistent_side_whose_uuid_left_the_history_full_syncs_instead_of_split_brain() {
+    // DRBD's "sync due to disk states": a resync target interrupted so often
+    // that its current UUID fell out of the Primary's bounded history looks
+    // like a split brain to the UUID table; because it is Inconsistent (it
+    // never served writes of its own) it is fully resynced from the
+    // consistent side instead, never reported as split brain.
+    let target_history = [B, 0, 0, 0];
+    let primary_history = [D, C, 0x9000, 0x8000];
+    let target = SideFlags {
+        consistent: false,
+        changed_blocks: 7,
+        ..SideFlags::default()
+    };
+    let primary = SideFlags {
+        consistent: true,
+        primary: true,
+        changed_blocks: 9,
+        ..SideFlags::default()
+    };
+    let me = side(0x7000, 0, &target_history, target);
+    let peer = side(0x6000, B, &primary_history, primary);
+    assert!(matches!(
+        compare_uuids(&me, &peer, true).0,
+        Decision::SplitBrain { .. }
+    ));
+    let (d, _) = both_ways(&me, &peer, SplitBrainPolicy::Disconnect);
+    assert_eq!(
+        d,
+        Decision::FullSync {
+            source: SyncSource::Peer
+        }
+    );
+    // Unrelated data stays unrelated, whatever the disk states.
+    let lone = [0u64; 4];
+    let (d, _) = both_ways(
+        &side(0x7000, 0, &lone, target),
+        &side(0x6000, 0, &lone, primary),
+        SplitBrainPolicy::Disconnect,
+    );
+    assert_eq!(d, Decision::Unrelated);
+}

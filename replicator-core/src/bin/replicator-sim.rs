@@ -3,17 +3,29 @@
 //! `replicator-sim --seconds N` runs random seeds (from the clock) for N
 //! seconds of wall time and exits non-zero on the first failure, printing the
 //! seed; `replicator-sim --seed S [--scenario NAME] [--verbose]` replays one
-//! run (with a trace on --verbose).
+//! run (with a trace on --verbose). `--sim-fault NAME` breaks the engine on
+//! purpose (self-test of the oracle: such runs are expected to fail).
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use replicator_core::engine::SimFault;
 use replicator_core::sim::{run, Scenario, SimConfig};
 
-const USAGE: &str = "usage: replicator-sim (--seconds N | --seed S) [--scenario NAME] [--verbose]
+fn sim_fault(name: &str) -> Option<SimFault> {
+    Some(match name {
+        "ack-before-peer" => SimFault::AckBeforePeer,
+        "forget-out-of-sync" => SimFault::ForgetOutOfSync,
+        "ignore-frame-order" => SimFault::IgnoreFrameOrder,
+        _ => return None,
+    })
+}
+
+const USAGE: &str = "usage: replicator-sim (--seconds N | --seed S) [--scenario NAME] [--sim-fault NAME] [--verbose]
+sim faults: ack-before-peer, forget-out-of-sync, ignore-frame-order
 scenarios: random (default), primary-crash, secondary-crash, partition, partition-resync,
-           corrupt-dup, split-brain, flush-disconnect, torn-metadata";
+           corrupt-dup, reorder, split-brain, flush-disconnect, torn-metadata";
 
 fn scenario(name: &str) -> Option<Scenario> {
     Some(match name {
@@ -23,6 +35,7 @@ fn scenario(name: &str) -> Option<Scenario> {
         "partition" => Scenario::PartitionThenHeal,
         "partition-resync" => Scenario::PartitionDuringResync,
         "corrupt-dup" => Scenario::CorruptAndDuplicatedFrames,
+        "reorder" => Scenario::ReorderedFrames,
         "split-brain" => Scenario::SplitBrainBothPromoted,
         "flush-disconnect" => Scenario::FlushRacingDisconnect,
         "torn-metadata" => Scenario::TornMetadataSlot,
@@ -36,6 +49,7 @@ fn main() -> ExitCode {
     let mut seed: Option<u64> = None;
     let mut sc = Scenario::Random;
     let mut verbose = false;
+    let mut fault = SimFault::None;
     let mut i = 0;
     while i < args.len() {
         let value = args.get(i + 1);
@@ -52,6 +66,10 @@ fn main() -> ExitCode {
                 Some(s) => sc = s,
                 None => return usage(&format!("unknown scenario {v:?}")),
             },
+            ("--sim-fault", Some(v)) => match sim_fault(v) {
+                Some(f) => fault = f,
+                None => return usage(&format!("unknown sim fault {v:?}")),
+            },
             ("--verbose", _) => {
                 verbose = true;
                 i += 1;
@@ -65,6 +83,7 @@ fn main() -> ExitCode {
         (Some(seed), None) => {
             let mut cfg = SimConfig::new(seed, sc);
             cfg.verbose = verbose;
+            cfg.sim_fault = fault;
             match run(&cfg) {
                 Ok(r) => {
                     println!("seed {seed}: ok {r:?}");
@@ -86,6 +105,7 @@ fn main() -> ExitCode {
             while start.elapsed() < Duration::from_secs(secs) {
                 let mut cfg = SimConfig::new(seed, sc);
                 cfg.verbose = verbose;
+                cfg.sim_fault = fault;
                 if let Err(f) = run(&cfg) {
                     eprintln!("{f}");
                     eprintln!("replay with: replicator-sim --seed {seed}");

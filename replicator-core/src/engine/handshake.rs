@@ -88,6 +88,7 @@ impl Engine {
             node: self.cfg.node.clone(),
             size_bytes: self.cfg.size_bytes,
             bitmap_block_bytes: self.cfg.bitmap_block_bytes,
+            protocol: self.cfg.protocol,
             features: 0,
         });
         self.send(Message::AuthChallenge { nonce });
@@ -119,6 +120,7 @@ impl Engine {
                 node,
                 size_bytes,
                 bitmap_block_bytes,
+                protocol,
                 ..
             } => {
                 if !negotiating || self.hs.got_hello {
@@ -148,6 +150,16 @@ impl Engine {
                         format!(
                             "peer exports {size_bytes} bytes, we export {}",
                             self.cfg.size_bytes
+                        ),
+                        true,
+                    );
+                }
+                if protocol != self.cfg.protocol {
+                    return self.refuse(
+                        RefuseReason::ProtocolMismatch,
+                        format!(
+                            "peer replicates with protocol {protocol:?}, we use protocol {:?}",
+                            self.cfg.protocol
                         ),
                         true,
                     );

@@ -302,6 +302,9 @@ pub enum SimFault {
     AckBeforePeer,
     /// Do not mark out-of-sync bits for writes done while disconnected.
     ForgetOutOfSync,
+    /// Accept reordered frames: the simulator stops checking frame numbers
+    /// and the engine stops checking that Write/Barrier ids increase.
+    IgnoreFrameOrder,
 }
 
 /// Static configuration of one node's engine.

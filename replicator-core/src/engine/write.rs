@@ -99,6 +99,9 @@ pub(super) struct PeerWrite {
 pub(super) struct PeerSide {
     pub next_key: u64,
     pub writes: BTreeMap<u64, PeerWrite>,
+    /// Id of the last Write or Barrier received on this connection: the
+    /// Primary numbers both from one counter in sending order, so each must
+    /// be above it.
     pub last_write_id: Option<RequestId>,
     pub epoch: u64,
     /// Barriers received and not yet answered: (id, epoch it closes).
@@ -606,7 +609,7 @@ impl Engine {
             self.protocol_error(format!("unexpected Write {id} from peer"));
             return;
         }
-        if self.peer.last_write_id.is_some_and(|last| id <= last) {
+        if self.peer_id_out_of_order(id) {
             self.protocol_error(format!("Write {id} out of order or duplicated"));
             return;
         }
@@ -655,6 +658,14 @@ impl Engine {
         self.pump();
     }
 
+    /// A Write or Barrier `id` not above the last one received: it was
+    /// reordered or repeated on the way (a Barrier overtaking a Write would
+    /// acknowledge a flush that does not cover it).
+    fn peer_id_out_of_order(&self, id: RequestId) -> bool {
+        self.cfg.sim_fault != SimFault::IgnoreFrameOrder
+            && self.peer.last_write_id.is_some_and(|last| id <= last)
+    }
+
     pub(super) fn peer_write_done(&mut self, key: u64, ok: bool) {
         self.unlock(LockOwner::Peer(key));
         let Some(w) = self.peer.writes.remove(&key) else {
@@ -678,10 +689,15 @@ impl Engine {
             self.protocol_error(format!("unexpected Barrier {id}"));
             return;
         }
+        if self.peer_id_out_of_order(id) {
+            self.protocol_error(format!("Barrier {id} out of order or duplicated"));
+            return;
+        }
         if self.peer.barriers.len() >= MAX_TRANSFER_LOG_WRITES {
             self.protocol_error("too many barriers outstanding".to_string());
             return;
         }
+        self.peer.last_write_id = Some(id);
         self.peer.barriers.push_back((id, self.peer.epoch));
         self.peer.epoch += 1;
         self.pump_barriers();

@@ -1,7 +1,9 @@
 //! The deterministic simulator: two nodes, each running the real [`Engine`],
 //! on simulated disks (volatile cache, crash loss, torn metadata writes), a
-//! simulated link (delay, partition, corrupted and duplicated frames; frames
-//! go through the real wire codec so corruption meets the CRC), a client
+//! simulated link (delay, partition, corrupted, duplicated and reordered
+//! frames; frames go through the real wire codec, numbered per connection, so
+//! corruption meets the CRC and reordering meets the frame-number check), a
+//! client
 //! issuing overlapping writes, FUA, flushes and reads against the Primary,
 //! crashes, restarts (metadata re-read from the simulated disk) and failover.
 //!
@@ -61,6 +63,7 @@ pub enum Scenario {
     PartitionThenHeal,
     PartitionDuringResync,
     CorruptAndDuplicatedFrames,
+    ReorderedFrames,
     SplitBrainBothPromoted,
     FlushRacingDisconnect,
     TornMetadataSlot,
@@ -100,6 +103,10 @@ pub struct SimReport {
     pub failovers: u64,
     pub frames_corrupted: u64,
     pub frames_duplicated: u64,
+    /// Frames delivered before the frame sent just ahead of them.
+    pub frames_reordered: u64,
+    /// Links dropped because a frame arrived out of order.
+    pub order_errors_detected: u64,
     pub split_brains_seen: u64,
     pub torn_superblock_writes: u64,
     pub sim_time_ns: u64,
@@ -142,10 +149,11 @@ enum Action {
     /// victim's writes, discarded later).
     UntrackedWrites(usize, u64),
     Admin(usize, AdminCommand),
-    /// Corrupt / duplicate frames with these per-mille rates.
+    /// Corrupt / duplicate / reorder frames with these per-mille rates.
     NetFaults {
         corrupt: u64,
         duplicate: u64,
+        reorder: u64,
     },
     /// Stop the client; check convergence once quiet.
     EndSafety,
@@ -213,7 +221,14 @@ struct World {
     partitioned: bool,
     corrupt_per_mille: u64,
     dup_per_mille: u64,
+    reorder_per_mille: u64,
     link_tail: [u64; 2],
+    /// Event key of the last frame scheduled towards each node.
+    last_frame: [Option<(u64, u64)>; 2],
+    /// Frame numbering of the current connection, by sending node.
+    tx: [wire::FrameEncoder; 2],
+    /// Frame-number check of the current connection, by receiving node.
+    rx_seq: [wire::FrameDecoder; 2],
     rx: [BytesMut; 2],
     client_on: bool,
     client_node: usize,
@@ -427,16 +442,8 @@ impl World {
                 if self.partitioned {
                     return Ok(());
                 }
-                let mut buf = BytesMut::new();
-                wire::encode(&msg, &mut buf)
-                    .map_err(|e| self.fail(format!("{name} produced an unencodable frame: {e}")))?;
-                let mut bytes = buf.to_vec();
-                if self.corrupt_per_mille > 0 && self.rng.chance(self.corrupt_per_mille, 1000) {
-                    let i = self.rng.below(bytes.len() as u64) as usize;
-                    bytes[i] ^= 1 << self.rng.below(8);
-                    self.report.frames_corrupted += 1;
-                    self.log(format!("net: corrupt {name} -> {}", msg.name()));
-                }
+                // A duplicate is the message sent twice by the sender's
+                // transport (two numbered frames), so it reaches the engine.
                 let copies = if self.dup_per_mille > 0 && self.rng.chance(self.dup_per_mille, 1000)
                 {
                     self.report.frames_duplicated += 1;
@@ -446,19 +453,21 @@ impl World {
                     1
                 };
                 let to = 1 - node;
-                let bytes = Bytes::from(bytes);
                 for _ in 0..copies {
-                    let lat = 20_000 + self.rng.below(500_000);
-                    let t = (self.now + lat).max(self.link_tail[to] + 1);
-                    self.link_tail[to] = t;
-                    self.at(
-                        t,
-                        Ev::Frame {
-                            to,
-                            epoch,
-                            bytes: bytes.clone(),
-                        },
-                    );
+                    let mut buf = BytesMut::new();
+                    self.tx[node].encode(&msg, &mut buf).map_err(|e| {
+                        self.fail(format!("{name} produced an unencodable frame: {e}"))
+                    })?;
+                    let mut bytes = buf.to_vec();
+                    if self.corrupt_per_mille > 0 && self.rng.chance(self.corrupt_per_mille, 1000) {
+                        let i = self.rng.below(bytes.len() as u64) as usize;
+                        bytes[i] ^= 1 << self.rng.below(8);
+                        self.report.frames_corrupted += 1;
+                        self.log(format!("net: corrupt {name} -> {}", msg.name()));
+                    }
+                    let reorder =
+                        self.reorder_per_mille > 0 && self.rng.chance(self.reorder_per_mille, 1000);
+                    self.send_frame(to, epoch, Bytes::from(bytes), reorder, msg.name());
                 }
             }
             Output::Complete { id, result } => self.client_done(node, id, result)?,
@@ -500,6 +509,31 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// Put a frame on the link towards `to`, behind the frames already in
+    /// flight; with `reorder`, swap it with the frame just ahead of it if
+    /// that one is still in flight (it then arrives first).
+    fn send_frame(&mut self, to: usize, epoch: u64, bytes: Bytes, reorder: bool, what: &str) {
+        if reorder {
+            if let Some(prev) = self.last_frame[to].filter(|k| self.events.contains_key(k)) {
+                let ev = self.events.remove(&prev).expect("checked");
+                self.report.frames_reordered += 1;
+                self.log(format!(
+                    "net: reorder {what} ahead of the frame before it -> {}",
+                    self.nodes[to].name
+                ));
+                self.at(prev.0, Ev::Frame { to, epoch, bytes });
+                self.at(prev.0, ev);
+                self.last_frame[to] = Some((prev.0, self.seq));
+                return;
+            }
+        }
+        let lat = 20_000 + self.rng.below(500_000);
+        let t = (self.now + lat).max(self.link_tail[to] + 1);
+        self.link_tail[to] = t;
+        self.at(t, Ev::Frame { to, epoch, bytes });
+        self.last_frame[to] = Some((t, self.seq));
     }
 
     fn maybe_connect(&mut self) {
@@ -580,10 +614,19 @@ impl World {
                 }
                 self.rx[to].extend_from_slice(&bytes);
                 loop {
-                    match wire::decode(&mut self.rx[to]) {
+                    let decoded = if self.cfg.sim_fault == SimFault::IgnoreFrameOrder {
+                        wire::decode(&mut self.rx[to])
+                    } else {
+                        self.rx_seq[to].decode(&mut self.rx[to])
+                    };
+                    match decoded {
                         Ok(Some(msg)) => {
                             if self.cfg.verbose {
-                                self.log(format!("{} <- {}", self.nodes[to].name, msg.name()));
+                                let what = match &msg {
+                                    wire::Message::State { .. } => format!("{msg:?}"),
+                                    _ => msg.name().to_string(),
+                                };
+                                self.log(format!("{} <- {what}", self.nodes[to].name));
                             }
                             self.feed(to, Input::PeerFrame(msg))?;
                             if self.conn != Some(epoch) {
@@ -592,6 +635,9 @@ impl World {
                         }
                         Ok(None) => break,
                         Err(e) => {
+                            if matches!(e, wire::WireError::OutOfOrder { .. }) {
+                                self.report.order_errors_detected += 1;
+                            }
                             self.log(format!("{}: frame error {e}", self.nodes[to].name));
                             self.rx[to].clear();
                             self.feed(to, Input::PeerFrameError(e))?;
@@ -609,6 +655,9 @@ impl World {
                 }
                 self.conn = Some(epoch);
                 self.link_tail = [self.now, self.now];
+                self.last_frame = [None, None];
+                self.tx = Default::default();
+                self.rx_seq = Default::default();
                 self.log(format!("net: link {epoch} up"));
                 self.feed(0, Input::Connected)?;
                 if self.conn == Some(epoch) {
@@ -971,9 +1020,14 @@ impl World {
                 }
             }
             Action::Admin(n, cmd) => self.feed(n, Input::Admin(cmd))?,
-            Action::NetFaults { corrupt, duplicate } => {
+            Action::NetFaults {
+                corrupt,
+                duplicate,
+                reorder,
+            } => {
                 self.corrupt_per_mille = corrupt;
                 self.dup_per_mille = duplicate;
+                self.reorder_per_mille = reorder;
             }
             Action::EndSafety => {
                 self.safety_over = true;
@@ -1238,7 +1292,11 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
         partitioned: false,
         corrupt_per_mille: 0,
         dup_per_mille: 0,
+        reorder_per_mille: 0,
         link_tail: [0, 0],
+        last_frame: [None, None],
+        tx: Default::default(),
+        rx_seq: Default::default(),
         rx: [BytesMut::new(), BytesMut::new()],
         client_on: false,
         client_node: 0,
@@ -1294,6 +1352,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
     // Healed phase: no faults, everything restarted, one Primary.
     w.corrupt_per_mille = 0;
     w.dup_per_mille = 0;
+    w.reorder_per_mille = 0;
     w.partitioned = false;
     for n in 0..2 {
         if w.nodes[n].engine.is_none() {
@@ -1441,6 +1500,17 @@ fn plan(w: &mut World, rng: &mut SplitMix64, start: u64) {
                 Action::NetFaults {
                     corrupt: 3,
                     duplicate: 3,
+                    reorder: 0,
+                },
+            ));
+        }
+        Scenario::ReorderedFrames => {
+            s.push((
+                t(0),
+                Action::NetFaults {
+                    corrupt: 0,
+                    duplicate: 0,
+                    reorder: 30,
                 },
             ));
         }
@@ -1499,6 +1569,7 @@ fn random_plan(w: &World, rng: &mut SplitMix64, s: &mut Vec<(u64, Action)>, star
                     Action::NetFaults {
                         corrupt: 1 + rng.below(5),
                         duplicate: rng.below(5),
+                        reorder: rng.below(5),
                     },
                 ));
                 s.push((
@@ -1506,6 +1577,7 @@ fn random_plan(w: &World, rng: &mut SplitMix64, s: &mut Vec<(u64, Action)>, star
                     Action::NetFaults {
                         corrupt: 0,
                         duplicate: 0,
+                        reorder: 0,
                     },
                 ));
             }
