@@ -258,3 +258,48 @@ fn events_stream_reports_the_primary_loss_and_the_promotion() {
         e["type"] == "change" && e["object"] == "resource" && e["role"] == "Primary"
     });
 }
+
+#[test]
+fn planned_switchover_moves_the_export_and_keeps_the_data() {
+    // Proves the hand-over of a healthy pair: while alpha is Primary the
+    // connected secondary refuses `primary` (single primary) and serves no
+    // NBD; after `secondary` on alpha and `primary` on bravo the export
+    // moves to bravo with alpha's data, alpha stops serving, and writes on
+    // bravo replicate back to alpha.
+    let c = Cluster::up(ClusterSpec::default());
+    assert!(!c.bravo().serves_nbd(), "a Secondary serves NBD");
+    let out = c.bravo().replctl(&["primary"]);
+    assert!(
+        !out.status.success(),
+        "a second Primary was allowed while connected: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(c.bravo().status()["role"], "Secondary");
+    common::cluster::qemu_io(&c.alpha().uri(), &["write -P 0x5e 1M 1M", "flush"]);
+    c.alpha().replctl_ok(&["secondary"]);
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while c.alpha().serves_nbd() {
+        assert!(
+            Instant::now() < deadline,
+            "alpha still serves NBD as Secondary"
+        );
+        std::thread::sleep(LOG_POLL_INTERVAL);
+    }
+    c.bravo()
+        .wait_status("sees alpha Secondary", STATE_TIMEOUT, |s| {
+            s["peer_role"] == "Secondary"
+        });
+    c.bravo().replctl_ok(&["primary"]);
+    c.bravo().wait_nbd();
+    common::cluster::qemu_io(
+        &c.bravo().uri(),
+        &["read -P 0x5e 1M 1M", "write -P 0x6f 3M 64k", "flush"],
+    );
+    c.wait_in_sync(RESYNC_TIMEOUT);
+    assert_eq!(
+        c.alpha().read_data(3 << 20, 65536),
+        vec![0x6f; 65536],
+        "bravo's write did not reach alpha"
+    );
+    c.assert_replicas_identical();
+}
