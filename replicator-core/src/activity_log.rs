@@ -85,7 +85,7 @@ pub const AL_MAGIC: u32 = 0x5250_414C;
 const AL_HEADER_BYTES: usize = 32;
 const AL_UPDATE_BYTES: usize = 8;
 const AL_CONTEXT_OFFSET: usize = AL_HEADER_BYTES + AL_UPDATES_PER_TRANSACTION * AL_UPDATE_BYTES;
-const AL_CRC_OFFSET: usize = 28;
+pub(crate) const AL_CRC_OFFSET: usize = 28;
 const EMPTY_SLOT: u32 = u32::MAX;
 
 const _: () = assert!(AL_CONTEXT_OFFSET + AL_CONTEXT_PER_TRANSACTION * 4 == AL_TRANSACTION_BYTES);

@@ -16,6 +16,8 @@
 //! - [`engine`]: the replication state machine (`handle` / `poll_output` /
 //!   `next_deadline`).
 //! - [`sim`]: the deterministic two-node simulator and its write-log oracle.
+//! - [`fuzzing`]: entry points the fuzz targets (`replicator-core/fuzz`) and
+//!   property tests drive over arbitrary bytes (peer codec, metadata).
 #![forbid(unsafe_code)]
 
 pub mod activity_log;
@@ -26,5 +28,6 @@ pub mod types;
 pub mod wire;
 
 pub mod engine;
+pub mod fuzzing;
 pub mod generation;
 pub mod sim;

@@ -224,7 +224,7 @@ const _: () = assert!(MAX_NAME_BYTES <= u8::MAX as usize);
 // 220  3876   zero
 const SB_NAME_OFFSET_RESOURCE: usize = 88;
 const SB_NAME_OFFSET_NODE: usize = SB_NAME_OFFSET_RESOURCE + MAX_NAME_BYTES;
-const SB_CRC_OFFSET: usize = SB_NAME_OFFSET_NODE + MAX_NAME_BYTES;
+pub(crate) const SB_CRC_OFFSET: usize = SB_NAME_OFFSET_NODE + MAX_NAME_BYTES;
 /// Bytes of a superblock slot that carry data (the rest is zero).
 pub const SUPERBLOCK_USED_BYTES: usize = SB_CRC_OFFSET + 4;
 
