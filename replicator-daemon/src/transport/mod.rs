@@ -3,7 +3,9 @@
 //! Owns listening on this node's `replication` address, dialling the peer's
 //! with exponential backoff, the link preamble that names the dialling node
 //! (so that exactly one connection survives when both dial at once), and per
-//! link a reader task (bytes → `wire::decode` → [`LinkEvent::Frame`]) and a
+//! link a reader task (bytes → `wire::FrameDecoder` → [`LinkEvent::Frame`];
+//! frames are numbered per connection, so a lost, repeated or reordered
+//! frame drops the link) and a
 //! writer task fed by two bounded lanes (application traffic before resync
 //! traffic). It also declares a silent peer lost after the configured
 //! timeout. It must not interpret messages: the engine does, through the
@@ -403,9 +405,12 @@ async fn read_loop(
     timeout: Duration,
 ) -> String {
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    // Frames are numbered per connection: a lost, repeated or reordered
+    // frame is a decode error (the link drops and resyncs).
+    let mut decoder = wire::FrameDecoder::new();
     loop {
         loop {
-            match wire::decode(&mut buf) {
+            match decoder.decode(&mut buf) {
                 Ok(Some(msg)) => {
                     if events
                         .send(LinkEvent::Frame { link: id, msg })
@@ -443,6 +448,8 @@ async fn read_loop(
 async fn write_loop(mut w: OwnedWriteHalf, shared: &LinkShared) -> String {
     let mut buf = BytesMut::with_capacity(WRITE_BATCH_BYTES);
     let mut batch: VecDeque<Message> = VecDeque::new();
+    // Numbers frames in the order they go on the wire.
+    let mut encoder = wire::FrameEncoder::new();
     loop {
         let closed = {
             let mut lanes = shared.lanes.lock().expect("link lanes lock");
@@ -468,7 +475,7 @@ async fn write_loop(mut w: OwnedWriteHalf, shared: &LinkShared) -> String {
         }
         buf.clear();
         for m in batch.drain(..) {
-            if let Err(e) = wire::encode(&m, &mut buf) {
+            if let Err(e) = encoder.encode(&m, &mut buf) {
                 // The engine produced a frame the codec refuses: drop the
                 // link (the engine resyncs) rather than send garbage.
                 return format!("cannot encode a {} frame: {e}", m.name());

@@ -213,3 +213,33 @@ async fn link_from_an_unknown_node_is_refused() {
     let r = tokio::time::timeout(Duration::from_millis(200), a.events.recv()).await;
     assert!(r.is_err(), "no link for an unknown node: {r:?}");
 }
+
+#[tokio::test]
+async fn frame_out_of_sequence_is_a_frame_error_and_drops_the_link() {
+    // Proves frames are numbered per connection on the real link: a
+    // well-formed frame carrying the wrong number (as after a lost or
+    // reordered frame) is never delivered; the loop gets FrameError, then Down.
+    let (la, aa) = listener().await;
+    let mut a = start("bravo", "alpha", "127.0.0.1:1".into(), la, 5_000);
+    let mut s = raw_peer(&aa, "alpha").await;
+    let link = next_up(&mut a).await;
+    let mut out = BytesMut::new();
+    wire::encode_with_seq(&Message::Ping, 0, &mut out).unwrap();
+    wire::encode_with_seq(&Message::PingAck, 2, &mut out).unwrap();
+    s.write_all(&out).await.unwrap();
+    match next_event(&mut a).await {
+        LinkEvent::Frame { msg, .. } => assert_eq!(msg, Message::Ping),
+        other => panic!("expected the first frame, got {other:?}"),
+    }
+    match next_event(&mut a).await {
+        LinkEvent::FrameError { link: id, error } => {
+            assert_eq!(id, link.id);
+            assert!(matches!(error, WireError::OutOfOrder { .. }), "{error:?}");
+        }
+        other => panic!("expected FrameError, got {other:?}"),
+    }
+    match next_event(&mut a).await {
+        LinkEvent::Down { link: id, .. } => assert_eq!(id, link.id),
+        other => panic!("expected Down, got {other:?}"),
+    }
+}
