@@ -759,3 +759,109 @@ fn resync_done_while_requests_are_outstanding_is_a_protocol_error() {
         "{outs:?}"
     );
 }
+
+#[test]
+fn sync_target_with_a_slow_disk_keeps_received_data_within_the_resync_window() {
+    // Invariant 8: data a SyncTarget received but has not yet written to its
+    // (slow) disk counts against the resync window, so it never asks for more
+    // than RESYNC_MAX_INFLIGHT_REQUESTS ranges ahead of its disk, whatever
+    // the amount out of sync. Once the disk catches up the resync finishes.
+    use replicator_core::engine::{RESYNC_MAX_INFLIGHT_REQUESTS, RESYNC_REQUEST_MAX_BYTES};
+    let mut p = Pair::new(ProtocolMode::C);
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Disconnected);
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    // 16 MiB out of sync: 128 requests of 128 KiB, four times the window.
+    for i in 0..16u64 {
+        p.a.handle(
+            Time(0),
+            Input::Client {
+                id: ClientId(1000 + i),
+                request: ClientRequest::Write {
+                    offset: i << 20,
+                    data: Bytes::from(vec![7u8; 1 << 20]),
+                    fua: false,
+                },
+            },
+        );
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Connected);
+    }
+    // Shuttle like Pair::run, but bravo's data writes never complete.
+    let mut held: Vec<OpId> = Vec::new();
+    let mut requested_bytes = 0u64;
+    for _ in 0..10_000 {
+        let (oa, ob) = (drain(&mut p.a), drain(&mut p.b));
+        if oa.is_empty() && ob.is_empty() {
+            break;
+        }
+        for o in oa {
+            match o {
+                Output::Send(m) => p.b.handle(Time(0), Input::PeerFrame(m)),
+                Output::Disk { op, kind } => {
+                    let data = match kind {
+                        DiskOp::Read { len_bytes, .. } => {
+                            Bytes::from(vec![7u8; len_bytes as usize])
+                        }
+                        _ => Bytes::new(),
+                    };
+                    p.a.handle(
+                        Time(0),
+                        Input::DiskDone {
+                            op,
+                            result: Ok(data),
+                        },
+                    );
+                }
+                _ => {}
+            }
+        }
+        for o in ob {
+            match o {
+                Output::Send(m) => {
+                    if let Message::ResyncRequest { len_bytes, .. } = &m {
+                        requested_bytes += u64::from(*len_bytes);
+                    }
+                    p.a.handle(Time(0), Input::PeerFrame(m));
+                }
+                Output::Disk {
+                    op,
+                    kind: DiskOp::Write { .. },
+                } => held.push(op),
+                Output::Disk { op, .. } => {
+                    p.b.handle(
+                        Time(0),
+                        Input::DiskDone {
+                            op,
+                            result: Ok(Bytes::new()),
+                        },
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(p.b.status().replication, ReplState::SyncTarget);
+    let window_bytes = RESYNC_MAX_INFLIGHT_REQUESTS as u64 * RESYNC_REQUEST_MAX_BYTES;
+    assert!(
+        requested_bytes <= window_bytes,
+        "asked for {requested_bytes} bytes ahead of a stalled disk (window {window_bytes})"
+    );
+    assert_eq!(held.len(), RESYNC_MAX_INFLIGHT_REQUESTS);
+    // The disk catches up: the rest of the resync flows and finishes.
+    for op in held {
+        p.b.handle(
+            Time(0),
+            Input::DiskDone {
+                op,
+                result: Ok(Bytes::new()),
+            },
+        );
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    assert_eq!(p.b.status().replication, ReplState::Established);
+    assert_eq!(p.b.status().out_of_sync_bytes, 0);
+}

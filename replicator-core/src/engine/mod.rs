@@ -32,6 +32,7 @@ use crate::types::{DiskState, NodeRole, RequestId};
 use crate::wire::Message;
 
 pub use io::*;
+pub use resync::{RESYNC_MAX_INFLIGHT_REQUESTS, RESYNC_REQUEST_MAX_BYTES};
 
 use handshake::Handshake;
 use persist::Persist;

@@ -22,7 +22,9 @@ use crate::generation;
 use crate::types::{BlockIndex, DiskState, GenerationUuids, NodeRole, RequestId};
 use crate::wire::Message;
 
-/// Most resync requests a SyncTarget has in flight.
+/// Most resync requests a SyncTarget has outstanding: asked for and not yet
+/// answered, plus answered and not yet written to its disk. Data that waits
+/// for a slow disk counts, so memory stays bounded by this window.
 pub const RESYNC_MAX_INFLIGHT_REQUESTS: usize = 32;
 /// Largest range one resync request covers.
 pub const RESYNC_REQUEST_MAX_BYTES: u64 = 128 * 1024;
@@ -207,7 +209,7 @@ impl Engine {
         }
         t.throttled_until = None;
         let mut requests = Vec::new();
-        while t.inflight.len() < RESYNC_MAX_INFLIGHT_REQUESTS {
+        while t.inflight.len() + t.writes.len() < RESYNC_MAX_INFLIGHT_REQUESTS {
             if let Some(rate) = rate {
                 // Allowed bytes so far at the configured rate.
                 let elapsed_ns = now.0.saturating_sub(t.started.0);
