@@ -12,6 +12,7 @@
 //!
 //! Submodules: [`mod@attach`] (metadata on disk → `LoadedMetadata`), [`target`]
 //! (the replicated `BlockTarget`), [`nbd`] (the export's life while primary).
+#![forbid(unsafe_code)]
 
 pub mod attach;
 pub mod nbd;

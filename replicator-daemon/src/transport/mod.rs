@@ -17,6 +17,7 @@
 //! node whose name sorts last abandons its own dial when it accepts. So when
 //! both dial at once, the link dialled by the first-sorting node wins on both
 //! sides, and the engine never sees two connections.
+#![forbid(unsafe_code)]
 
 pub mod lanes;
 
