@@ -42,7 +42,9 @@
 //! requests but a 1 MiB frame bound keeps per-connection buffers small and
 //! lets acks and pings interleave with bulk data. Resync data obeys the same
 //! bound. Bitmaps of any size travel as several `BitmapChunk`s, each at most
-//! [`MAX_BITMAP_CHUNK_BYTES`] of run-length code.
+//! [`MAX_BITMAP_CHUNK_BYTES`] of run-length code; the receiver answers each
+//! with a `BitmapAck`, and the sender keeps only a bounded window of chunks
+//! unacknowledged (the engine's `BITMAP_CHUNKS_IN_FLIGHT`).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
@@ -230,6 +232,13 @@ pub enum Message {
         last: bool,
         /// Run-length code, at most [`MAX_BITMAP_CHUNK_BYTES`].
         rle: Bytes,
+    },
+    /// The receiver of `BitmapChunk`s applied the chunk ending at
+    /// `next_block`: flow control of the bitmap exchange (the sender keeps a
+    /// bounded window of unacknowledged chunks).
+    BitmapAck {
+        /// The block after the acknowledged chunk (the next one expected).
+        next_block: u64,
     },
     /// The sync source tells the target the UUID it will adopt after resync.
     SyncUuid {
@@ -458,6 +467,7 @@ mod code {
     pub const PING: u16 = 23;
     pub const PING_ACK: u16 = 24;
     pub const DISCONNECT: u16 = 25;
+    pub const BITMAP_ACK: u16 = 26;
 }
 
 impl Message {
@@ -471,6 +481,7 @@ impl Message {
             Message::Refuse { .. } => code::REFUSE,
             Message::State { .. } => code::STATE,
             Message::BitmapChunk { .. } => code::BITMAP_CHUNK,
+            Message::BitmapAck { .. } => code::BITMAP_ACK,
             Message::SyncUuid { .. } => code::SYNC_UUID,
             Message::Write { .. } => code::WRITE,
             Message::RecvAck { .. } => code::RECV_ACK,
@@ -507,6 +518,7 @@ fn type_name(code: u16) -> Option<&'static str> {
         code::REFUSE => "Refuse",
         code::STATE => "State",
         code::BITMAP_CHUNK => "BitmapChunk",
+        code::BITMAP_ACK => "BitmapAck",
         code::SYNC_UUID => "SyncUuid",
         code::WRITE => "Write",
         code::RECV_ACK => "RecvAck",
@@ -687,6 +699,7 @@ pub fn validate(m: &Message) -> Result<(), WireError> {
         | Message::AuthResponse { .. }
         | Message::AuthOk
         | Message::SyncUuid { .. }
+        | Message::BitmapAck { .. }
         | Message::RecvAck { .. }
         | Message::WriteAck { .. }
         | Message::Barrier { .. }
@@ -779,6 +792,7 @@ pub fn encode_with_seq(msg: &Message, seq: u32, dst: &mut BytesMut) -> Result<()
             dst.put_slice(rle);
         }
         Message::SyncUuid { uuid } => dst.put_u64(*uuid),
+        Message::BitmapAck { next_block } => dst.put_u64(*next_block),
         Message::Write {
             id,
             offset,
@@ -1183,6 +1197,9 @@ fn parse(msg_type: u16, r: &mut Reader) -> Result<Message, WireError> {
             }
         }
         code::SYNC_UUID => Message::SyncUuid { uuid: r.u64()? },
+        code::BITMAP_ACK => Message::BitmapAck {
+            next_block: r.u64()?,
+        },
         code::WRITE => {
             let id = RequestId(r.u64()?);
             let offset = r.u64()?;
@@ -1486,6 +1503,11 @@ mod tests {
                 25,
                 hex("0003 627965"),
             ),
+            (
+                Message::BitmapAck { next_block: 0x20 },
+                26,
+                hex("0000000000000020"),
+            ),
         ]
     }
 
@@ -1496,7 +1518,7 @@ mod tests {
         // bump fails here.
         assert_eq!(WIRE_VERSION, 2, "update the golden bytes with the version");
         let cases = golden();
-        assert_eq!(cases.len(), 25, "one golden case per variant");
+        assert_eq!(cases.len(), 26, "one golden case per variant");
         for (msg, msg_type, payload) in cases {
             let expected = frame(msg_type, &payload);
             assert_eq!(enc(&msg), expected, "{}", msg.name());
@@ -1855,6 +1877,7 @@ mod tests {
                 }
             }),
             any::<u64>().prop_map(|uuid| Message::SyncUuid { uuid }),
+            any::<u64>().prop_map(|next_block| Message::BitmapAck { next_block }),
             (
                 id.clone(),
                 0u64..1 << 50,

@@ -865,3 +865,142 @@ fn sync_target_with_a_slow_disk_keeps_received_data_within_the_resync_window() {
     assert_eq!(p.b.status().replication, ReplState::Established);
     assert_eq!(p.b.status().out_of_sync_bytes, 0);
 }
+
+/// A fresh node of an 8 GiB device whose bitmap has every other block set
+/// (incompressible: 256 KiB of raw bitmap, more chunks than the window).
+fn big_engine_with_striped_bitmap(node: &str, peer: &str) -> Engine {
+    let size = 8u64 << 30;
+    let l = MetadataLayout::external(size, 64 << 20, DEFAULT_BITMAP_BLOCK_BYTES, MIN_AL_EXTENTS)
+        .expect("layout");
+    let created = metadata::create(&l, "r", node, MIN_AL_EXTENTS).expect("create-md");
+    let mut bitmap = Bitmap::new(size, DEFAULT_BITMAP_BLOCK_BYTES).expect("bitmap");
+    for page in 0..bitmap.page_count() {
+        bitmap
+            .load_page(page, &[0x55; replicator_core::bitmap::BITMAP_PAGE_BYTES])
+            .expect("page");
+    }
+    let cfg = EngineConfig {
+        resource: "r".into(),
+        node: node.into(),
+        peer: peer.into(),
+        size_bytes: size,
+        bitmap_block_bytes: DEFAULT_BITMAP_BLOCK_BYTES,
+        protocol: ProtocolMode::C,
+        secret: b"s".to_vec(),
+        split_brain: SplitBrainPolicy::Disconnect,
+        al_extents: MIN_AL_EXTENTS,
+        meta_layout: l,
+        resync_rate_bytes_per_s: None,
+        sim_fault: SimFault::None,
+    };
+    let meta = LoadedMetadata {
+        superblock: created.superblock,
+        superblock_slot: 0,
+        bitmap,
+        al: AlRecovery {
+            last_sequence: 0,
+            capacity: MIN_AL_EXTENTS,
+            slots: vec![None; MIN_AL_EXTENTS as usize],
+            next_context_start: 0,
+        },
+    };
+    let mut e = Engine::new(cfg, meta, 7).expect("engine");
+    settle_meta(&mut e);
+    e
+}
+
+/// Deliver frames both ways and complete disk ops until nothing moves;
+/// frames for which `hold(from_a, msg)` is true are kept back and returned.
+/// Counts the BitmapChunks `a` sent.
+fn shuttle_holding(
+    a: &mut Engine,
+    b: &mut Engine,
+    hold: impl Fn(bool, &Message) -> bool,
+    held: &mut Vec<(bool, Message)>,
+) -> usize {
+    let mut chunks_from_a = 0;
+    for _ in 0..10_000 {
+        let (oa, ob) = (settle_meta(a), settle_meta(b));
+        if oa.is_empty() && ob.is_empty() {
+            return chunks_from_a;
+        }
+        for (from_a, outs) in [(true, oa), (false, ob)] {
+            for m in sent(&outs) {
+                if from_a && matches!(m, Message::BitmapChunk { .. }) {
+                    chunks_from_a += 1;
+                }
+                if hold(from_a, &m) {
+                    held.push((from_a, m));
+                } else if from_a {
+                    b.handle(Time(0), Input::PeerFrame(m));
+                } else {
+                    a.handle(Time(0), Input::PeerFrame(m));
+                }
+            }
+        }
+    }
+    panic!("engines did not settle");
+}
+
+#[test]
+fn bitmap_exchange_keeps_at_most_a_window_of_unacknowledged_chunks() {
+    // Invariant 8: a bitmap that needs more chunks than the window is sent
+    // BITMAP_CHUNKS_IN_FLIGHT chunks at a time; without BitmapAcks nothing
+    // more goes out, each ack releases exactly one more chunk, and the
+    // handshake completes only after both bitmaps crossed.
+    use replicator_core::engine::BITMAP_CHUNKS_IN_FLIGHT;
+    let mut a = big_engine_with_striped_bitmap("alpha", "bravo");
+    let mut b = big_engine_with_striped_bitmap("bravo", "alpha");
+    for e in [&mut a, &mut b] {
+        e.handle(Time(0), Input::Admin(AdminCommand::Connect));
+        e.handle(Time(0), Input::Connected);
+    }
+    let mut held = Vec::new();
+    let is_ack_to_a = |from_a: bool, m: &Message| !from_a && matches!(m, Message::BitmapAck { .. });
+    let sent_first = shuttle_holding(&mut a, &mut b, is_ack_to_a, &mut held);
+    assert_eq!(
+        sent_first, BITMAP_CHUNKS_IN_FLIGHT,
+        "the window bounds the burst"
+    );
+    assert_eq!(held.len(), BITMAP_CHUNKS_IN_FLIGHT, "one ack per chunk");
+    assert_ne!(a.status().replication, ReplState::Established);
+    // One ack releases one chunk.
+    let (_, first_ack) = held.remove(0);
+    a.handle(Time(0), Input::PeerFrame(first_ack));
+    let more = sent(&drain(&mut a));
+    assert_eq!(
+        more.iter()
+            .filter(|m| matches!(m, Message::BitmapChunk { .. }))
+            .count(),
+        1
+    );
+    for m in more {
+        b.handle(Time(0), Input::PeerFrame(m));
+    }
+    // Release everything: the exchange finishes, never above the window.
+    let mut total = BITMAP_CHUNKS_IN_FLIGHT + 1;
+    for (_, m) in held.drain(..) {
+        a.handle(Time(0), Input::PeerFrame(m));
+    }
+    total += shuttle_holding(&mut a, &mut b, |_, _| false, &mut Vec::new());
+    assert!(total > 2 * BITMAP_CHUNKS_IN_FLIGHT, "{total} chunks");
+    assert_eq!(a.status().replication, ReplState::Established);
+    assert_eq!(b.status().replication, ReplState::Established);
+    assert_eq!(a.status().out_of_sync_bytes, 4u64 << 30);
+}
+
+#[test]
+fn unexpected_bitmap_ack_is_a_protocol_error() {
+    // A BitmapAck naming a block no chunk ended at (or with no chunk
+    // outstanding) drops the link.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.a.handle(
+        Time(0),
+        Input::PeerFrame(Message::BitmapAck { next_block: 1 }),
+    );
+    let outs = drain(&mut p.a);
+    assert!(
+        outs.iter().any(|o| matches!(o, Output::CloseLink { .. })),
+        "{outs:?}"
+    );
+}

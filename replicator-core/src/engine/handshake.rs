@@ -19,6 +19,10 @@ use super::{ConnState, Engine, Event, Output, ReplState};
 
 /// Bytes of run-length code per BitmapChunk we send.
 pub const BITMAP_CHUNK_SEND_BYTES: usize = 16 * 1024;
+/// BitmapChunks sent and not yet acknowledged (BitmapAck) at most: the
+/// exchange of a large bitmap (about 32 MiB of frames for 1 TiB at 4 KiB per
+/// bit when incompressible) never queues more than this many chunks.
+pub const BITMAP_CHUNKS_IN_FLIGHT: usize = 8;
 const _: () = assert!(
     BITMAP_CHUNK_SEND_BYTES <= MAX_BITMAP_CHUNK_BYTES
         && BITMAP_CHUNK_SEND_BYTES >= MIN_RLE_CHUNK_BYTES
@@ -61,6 +65,13 @@ pub(super) struct Handshake {
     pub rx_bitmap: Option<Bitmap>,
     pub rx_next_block: u64,
     pub rx_done: bool,
+    /// First block of our bitmap not yet sent.
+    pub tx_next_block: u64,
+    /// Our last chunk went out.
+    pub tx_done: bool,
+    /// End blocks of the chunks sent and not yet acknowledged, oldest first
+    /// (at most [`BITMAP_CHUNKS_IN_FLIGHT`]).
+    pub tx_unacked: std::collections::VecDeque<u64>,
 }
 
 impl Engine {
@@ -243,6 +254,7 @@ impl Engine {
                 last,
                 rle,
             } => self.on_bitmap_chunk(start_block, total_blocks, last, &rle),
+            Message::BitmapAck { next_block } => self.on_bitmap_ack(next_block),
             Message::SyncUuid { uuid } => {
                 // The peer skipped the initial sync (new-current-uuid
                 // --clear-bitmap): adopt its generation when both are empty.
@@ -460,10 +472,25 @@ impl Engine {
         if let Decision::FullSync { .. } = d {
             self.bitmap.set_all();
         }
-        // Send our bitmap (after a full-sync set_all it is all ones).
-        let mut start = BlockIndex(0);
+        // Send our bitmap (after a full-sync set_all it is all ones), a
+        // window of chunks at a time.
+        self.hs.tx_next_block = 0;
+        self.hs.tx_done = false;
+        self.hs.tx_unacked.clear();
+        self.hs.rx_bitmap = Some(
+            Bitmap::new(self.cfg.size_bytes, self.cfg.bitmap_block_bytes)
+                .expect("config validated at engine start"),
+        );
+        self.hs.rx_next_block = 0;
+        self.hs.rx_done = false;
+        self.send_bitmap_window();
+    }
+
+    /// Send bitmap chunks until the window is full or the bitmap is sent.
+    fn send_bitmap_window(&mut self) {
         let total = self.bitmap.len_blocks();
-        loop {
+        while !self.hs.tx_done && self.hs.tx_unacked.len() < BITMAP_CHUNKS_IN_FLIGHT {
+            let start = BlockIndex(self.hs.tx_next_block);
             let (rle, next) = self.bitmap.encode_rle(start, BITMAP_CHUNK_SEND_BYTES);
             let last = next.0 >= total;
             self.send(Message::BitmapChunk {
@@ -472,17 +499,24 @@ impl Engine {
                 last,
                 rle,
             });
-            if last {
-                break;
-            }
-            start = next;
+            self.hs.tx_unacked.push_back(next.0);
+            self.hs.tx_next_block = next.0;
+            self.hs.tx_done = last;
         }
-        self.hs.rx_bitmap = Some(
-            Bitmap::new(self.cfg.size_bytes, self.cfg.bitmap_block_bytes)
-                .expect("config validated at engine start"),
-        );
-        self.hs.rx_next_block = 0;
-        self.hs.rx_done = false;
+    }
+
+    fn on_bitmap_ack(&mut self, next_block: u64) {
+        if self.hs.tx_unacked.front() != Some(&next_block) {
+            return self.protocol_error(format!(
+                "BitmapAck up to block {next_block}, expected {:?}",
+                self.hs.tx_unacked.front()
+            ));
+        }
+        self.hs.tx_unacked.pop_front();
+        if self.hs.phase == Phase::Bitmaps {
+            self.send_bitmap_window();
+            self.maybe_finish_handshake();
+        }
     }
 
     fn on_bitmap_chunk(&mut self, start: u64, total: u64, last: bool, rle: &[u8]) {
@@ -501,11 +535,22 @@ impl Engine {
             Ok(end) => self.hs.rx_next_block = end.0,
             Err(e) => return self.protocol_error(format!("bad bitmap chunk: {e}")),
         }
+        if last && self.hs.rx_next_block != total {
+            return self.protocol_error("bitmap ended early".to_string());
+        }
+        self.send(Message::BitmapAck {
+            next_block: self.hs.rx_next_block,
+        });
         if last {
-            if self.hs.rx_next_block != total {
-                return self.protocol_error("bitmap ended early".to_string());
-            }
             self.hs.rx_done = true;
+            self.maybe_finish_handshake();
+        }
+    }
+
+    /// Both bitmaps are across (ours sent to the end, the peer's received):
+    /// finish. Acks of our last chunks may still arrive afterwards.
+    fn maybe_finish_handshake(&mut self) {
+        if self.hs.phase == Phase::Bitmaps && self.hs.rx_done && self.hs.tx_done {
             self.finish_handshake();
         }
     }

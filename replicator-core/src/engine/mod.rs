@@ -31,6 +31,7 @@ use crate::metadata::MetaFlags;
 use crate::types::{DiskState, NodeRole, RequestId};
 use crate::wire::Message;
 
+pub use handshake::{BITMAP_CHUNKS_IN_FLIGHT, BITMAP_CHUNK_SEND_BYTES};
 pub use io::*;
 pub use resync::{RESYNC_MAX_INFLIGHT_REQUESTS, RESYNC_REQUEST_MAX_BYTES};
 
