@@ -869,14 +869,18 @@ fn sync_target_with_a_slow_disk_keeps_received_data_within_the_resync_window() {
 /// A fresh node of an 8 GiB device whose bitmap has every other block set
 /// (incompressible: 256 KiB of raw bitmap, more chunks than the window).
 fn big_engine_with_striped_bitmap(node: &str, peer: &str) -> Engine {
-    let size = 8u64 << 30;
-    let l = MetadataLayout::external(size, 64 << 20, DEFAULT_BITMAP_BLOCK_BYTES, MIN_AL_EXTENTS)
-        .expect("layout");
+    custom_engine(node, peer, 8 << 30, DEFAULT_BITMAP_BLOCK_BYTES, 0x55)
+}
+
+/// A fresh protocol-C node of a `size`-byte device tracking `block_bytes`
+/// per bit, every bitmap page filled with `pattern`.
+fn custom_engine(node: &str, peer: &str, size: u64, block_bytes: u32, pattern: u8) -> Engine {
+    let l = MetadataLayout::external(size, 64 << 20, block_bytes, MIN_AL_EXTENTS).expect("layout");
     let created = metadata::create(&l, "r", node, MIN_AL_EXTENTS).expect("create-md");
-    let mut bitmap = Bitmap::new(size, DEFAULT_BITMAP_BLOCK_BYTES).expect("bitmap");
+    let mut bitmap = Bitmap::new(size, block_bytes).expect("bitmap");
     for page in 0..bitmap.page_count() {
         bitmap
-            .load_page(page, &[0x55; replicator_core::bitmap::BITMAP_PAGE_BYTES])
+            .load_page(page, &[pattern; replicator_core::bitmap::BITMAP_PAGE_BYTES])
             .expect("page");
     }
     let cfg = EngineConfig {
@@ -884,7 +888,7 @@ fn big_engine_with_striped_bitmap(node: &str, peer: &str) -> Engine {
         node: node.into(),
         peer: peer.into(),
         size_bytes: size,
-        bitmap_block_bytes: DEFAULT_BITMAP_BLOCK_BYTES,
+        bitmap_block_bytes: block_bytes,
         protocol: ProtocolMode::C,
         secret: b"s".to_vec(),
         split_brain: SplitBrainPolicy::Disconnect,
@@ -1003,4 +1007,34 @@ fn unexpected_bitmap_ack_is_a_protocol_error() {
         outs.iter().any(|o| matches!(o, Output::CloseLink { .. })),
         "{outs:?}"
     );
+}
+
+#[test]
+fn peers_with_different_bitmap_granularity_refuse_each_other_at_hello() {
+    // Hello carries bitmap_block_bytes: 4 KiB and 8 KiB per bit cannot merge
+    // bitmaps, so both sides refuse with BitmapBlockMismatch, report it and
+    // go StandAlone.
+    let mut a = custom_engine("alpha", "bravo", 1 << 30, 4096, 0);
+    let mut b = custom_engine("bravo", "alpha", 1 << 30, 8192, 0);
+    let (outs_a, outs_b) = handshake_outputs(&mut a, &mut b);
+    for (name, outs, e) in [("alpha", &outs_a, &a), ("bravo", &outs_b, &b)] {
+        assert!(
+            outs.iter().any(|o| matches!(
+                o,
+                Output::Send(Message::Refuse {
+                    reason: replicator_core::wire::RefuseReason::BitmapBlockMismatch,
+                    ..
+                })
+            )),
+            "{name}: {outs:?}"
+        );
+        assert!(
+            outs.iter().any(|o| matches!(
+                o,
+                Output::Event(Event::ProtocolError { detail }) if detail.contains("bytes per bit")
+            )),
+            "{name} reports the reason: {outs:?}"
+        );
+        assert_eq!(e.status().connection, ConnState::StandAlone, "{name}");
+    }
 }
