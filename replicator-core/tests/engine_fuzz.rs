@@ -113,12 +113,15 @@ fn random_message(r: &mut SplitMix64) -> Message {
             len_bytes: len,
             digest,
         },
-        _ => match r.below(4) {
+        _ => match r.below(5) {
             0 => Message::VerifyDone,
             1 => Message::Ping,
             2 => Message::Refuse {
                 reason: RefuseReason::Other,
                 message: "x".into(),
+            },
+            3 => Message::BitmapAck {
+                next_block: r.below(8),
             },
             _ => Message::Disconnect { reason: "x".into() },
         },
