@@ -1,33 +1,42 @@
-//! `replctl demo`: the quick start. Today one local node serving a sparse
-//! 1 GiB file over NBD on loopback; the two-node demo replaces it once
-//! replication lands.
+//! `replctl demo`: the two-node quick start of DESIGN.md §2. Two nodes,
+//! `alpha` and `bravo`, run inside this process on loopback, each over a
+//! sparse 1 GiB file in a new temporary directory, replicating with
+//! protocol C; both get fresh metadata, skip the initial sync of their empty
+//! disks (`new-current-uuid --clear-bitmap`), alpha is promoted and serves
+//! NBD. Ctrl-C stops both cleanly and removes the directory.
 //!
-//! Owns the demo's temporary directory, its generated config, starting the
-//! sibling `replicatord` binary in its own process group (so Ctrl-C reaches
-//! only `replctl`, which then stops the daemon with SIGTERM), and cleaning
-//! up. It must not serve anything itself: the daemon does.
+//! Owns the demo's directory, its generated config (written there so the
+//! operator can point `replctl` at it), the start-up sequence and the
+//! banner. It must not replicate or serve anything itself: the node runtime
+//! ([`crate::node`]) does, exactly as in `replicatord`.
 #![forbid(unsafe_code)]
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 
-/// Size of the demo's sparse backing file.
+use crate::config::{self, ConfigError};
+use crate::control::protocol::{
+    ConnectionState, ReplicationState, Request, Response, StatusReport,
+};
+use crate::node::{self, NodeHandle, RunError};
+use crate::replctl::metadata::create_md;
+use crate::replctl::render;
+
+/// Size of each node's sparse backing file.
 pub const DEMO_DISK_BYTES: u64 = 1024 * 1024 * 1024;
 /// The NBD port tried first (the IANA NBD port).
 pub const DEFAULT_DEMO_PORT: u16 = 10809;
 /// How many ports after the first one are tried when it is busy.
 pub const DEMO_PORT_ATTEMPTS: u16 = 100;
-/// How long the daemon may take to greet NBD clients.
-pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long the daemon may take to stop after SIGTERM before it is killed.
-pub const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Poll interval while waiting for the daemon.
+/// The replication ports are looked for from here (DRBD's usual port).
+pub const DEMO_REPLICATION_PORT: u16 = 7789;
+/// How long the two nodes may take to connect.
+pub const DEMO_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Poll interval while waiting for the nodes.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// The resource name, hence the NBD export name.
 pub const DEMO_RESOURCE: &str = "demo";
@@ -45,8 +54,6 @@ pub struct DemoArgs {
 /// Why the demo could not run or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("cannot find replicatord next to replctl at {}; build both with `cargo build --bins`", path.display())]
-    NoDaemon { path: PathBuf },
     #[error("cannot {what}: {source}")]
     Io {
         what: String,
@@ -55,12 +62,26 @@ pub enum DemoError {
     },
     #[error("no free port on 127.0.0.1 from {first} to {last}")]
     NoFreePort { first: u16, last: u16 },
-    #[error("replicatord exited with {status} before serving NBD; its log:\n{log}")]
-    DaemonDied { status: ExitStatus, log: String },
-    #[error("replicatord did not serve NBD within {timeout:?}; its log:\n{log}")]
-    DaemonSlow { timeout: Duration, log: String },
-    #[error("replicatord stopped with {status}; its log:\n{log}")]
-    DaemonFailed { status: ExitStatus, log: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot create the metadata of {node}: {detail}")]
+    Metadata { node: String, detail: String },
+    #[error("node {node} did not start: {source}")]
+    Start {
+        node: String,
+        #[source]
+        source: Box<RunError>,
+    },
+    #[error("the two nodes did not connect within {timeout:?}; alpha's status: {status}")]
+    NotConnected { timeout: Duration, status: String },
+    #[error("{command} on alpha was refused: {reason}")]
+    Refused { command: String, reason: String },
+    #[error("node {node} stopped with an error: {source}")]
+    Stopped {
+        node: String,
+        #[source]
+        source: Box<RunError>,
+    },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DemoError {
@@ -68,26 +89,48 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DemoError {
     move |source| DemoError::Io { what, source }
 }
 
-/// The first port from `first` on that 127.0.0.1 can bind now.
-pub fn pick_port(first: u16) -> Result<u16, DemoError> {
+/// The first port from `first` on that 127.0.0.1 can bind now, skipping
+/// `taken`.
+pub fn pick_port(first: u16, taken: &[u16]) -> Result<u16, DemoError> {
     let last = first.saturating_add(DEMO_PORT_ATTEMPTS - 1);
     (first..=last)
-        .find(|&p| p != 0 && TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok())
+        .find(|&p| {
+            p != 0 && !taken.contains(&p) && TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok()
+        })
         .ok_or(DemoError::NoFreePort { first, last })
 }
 
-/// The one-node config the demo runs.
-pub fn demo_config(dir: &Path, port: u16) -> String {
+/// The demo's ports: NBD, alpha's and bravo's replication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DemoPorts {
+    pub nbd: u16,
+    pub alpha: u16,
+    pub bravo: u16,
+}
+
+/// The two-node config the demo runs.
+pub fn demo_config(dir: &Path, ports: DemoPorts) -> String {
     let d = dir.display();
+    let DemoPorts { nbd, alpha, bravo } = ports;
     format!(
-        "# Generated by `replctl demo`: one node serving a sparse file, no peer.\n\
+        "# Generated by `replctl demo`: two nodes on loopback, sparse files.\n\
          resource = \"{DEMO_RESOURCE}\"\n\
+         protocol = \"C\"\n\
+         secret   = \"demo-secret\"\n\
          \n\
          [nodes.alpha]\n\
-         nbd     = \"127.0.0.1:{port}\"\n\
-         control = \"{d}/alpha.sock\"\n\
-         disk    = \"{d}/alpha.img\"\n\
-         meta    = \"internal\"\n"
+         replication = \"127.0.0.1:{alpha}\"\n\
+         nbd         = \"127.0.0.1:{nbd}\"\n\
+         control     = \"{d}/alpha.sock\"\n\
+         disk        = \"{d}/alpha.img\"\n\
+         meta        = \"internal\"\n\
+         \n\
+         [nodes.bravo]\n\
+         replication = \"127.0.0.1:{bravo}\"\n\
+         nbd         = \"unix:{d}/bravo.nbd\"\n\
+         control     = \"{d}/bravo.sock\"\n\
+         disk        = \"{d}/bravo.img\"\n\
+         meta        = \"internal\"\n"
     )
 }
 
@@ -102,171 +145,195 @@ pub fn greets(addr: SocketAddr) -> bool {
         && &magic == NBD_GREETING
 }
 
-/// The daemon process; killed if still running when dropped.
-struct Daemon {
-    child: std::process::Child,
-    log_path: PathBuf,
+async fn command(h: &NodeHandle, request: Request) -> Result<(), DemoError> {
+    let name = request.name().to_string();
+    match h.request(request).await {
+        Response::Ok { .. } | Response::Status(_) => Ok(()),
+        Response::Error(reason) => Err(DemoError::Refused {
+            command: name,
+            reason,
+        }),
+    }
 }
 
-impl Daemon {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    /// Sends SIGTERM and waits for the exit; kills it after the timeout.
-    fn stop(&mut self) -> Result<ExitStatus, DemoError> {
-        let pid = rustix::process::Pid::from_child(&self.child);
-        match rustix::process::kill_process(pid, rustix::process::Signal::TERM) {
-            Ok(()) | Err(rustix::io::Errno::SRCH) => {}
-            Err(e) => return Err(io_err("signal replicatord")(e.into())),
-        }
-        let deadline = Instant::now() + DAEMON_STOP_TIMEOUT;
-        loop {
-            if let Some(status) = self
-                .child
-                .try_wait()
-                .map_err(io_err("wait for replicatord"))?
+/// Waits until `h` is connected and Established and `pred` holds.
+async fn wait_connected(
+    h: &NodeHandle,
+    pred: impl Fn(&StatusReport) -> bool,
+) -> Result<StatusReport, DemoError> {
+    let deadline = Instant::now() + DEMO_CONNECT_TIMEOUT;
+    loop {
+        let s = h.status().await;
+        if let Some(s) = &s {
+            if s.connection == ConnectionState::Connected
+                && s.replication == ReplicationState::Established
+                && pred(s)
             {
-                return Ok(status);
+                return Ok(s.clone());
             }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                return self.child.wait().map_err(io_err("wait for replicatord"));
-            }
-            std::thread::sleep(POLL_INTERVAL);
         }
+        if Instant::now() > deadline {
+            return Err(DemoError::NotConnected {
+                timeout: DEMO_CONNECT_TIMEOUT,
+                status: s.map_or_else(|| "unknown".to_string(), |s| render::status_text(&s)),
+            });
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// `replicatord` next to the running executable.
-pub fn sibling_daemon() -> Result<PathBuf, DemoError> {
-    let me = std::env::current_exe().map_err(io_err("find the replctl executable"))?;
-    let path = me.with_file_name("replicatord");
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(DemoError::NoDaemon { path })
-    }
+/// Stops both nodes cleanly, reporting the first failure.
+async fn stop_both(alpha: NodeHandle, bravo: NodeHandle) -> Result<(), DemoError> {
+    alpha.stop();
+    bravo.stop();
+    let a = alpha.wait().await;
+    let b = bravo.wait().await;
+    a.map_err(|source| DemoError::Stopped {
+        node: "alpha".into(),
+        source: Box::new(source),
+    })?;
+    b.map_err(|source| DemoError::Stopped {
+        node: "bravo".into(),
+        source: Box::new(source),
+    })
 }
 
 /// Runs the demo in a new directory under `parent` until `stop` resolves
-/// (Ctrl-C in the program), printing what to paste to `out`.
+/// (Ctrl-C in the program), printing the URI, the status and what to try to
+/// `out`. With `log`, the nodes' logs go to `demo.log` in that directory.
 pub async fn run(
     args: &DemoArgs,
-    daemon_exe: &Path,
     parent: &Path,
     out: &mut (dyn Write + Send),
     stop: impl std::future::Future<Output = ()>,
+    log: bool,
 ) -> Result<(), DemoError> {
     let dir = tempfile::Builder::new()
         .prefix("replicator-demo-")
         .tempdir_in(parent)
         .map_err(io_err("create a temporary directory"))?;
-    let disk = dir.path().join("alpha.img");
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(DEMO_DISK_BYTES))
-        .map_err(io_err(format!("create the sparse disk {}", disk.display())))?;
-    let port = pick_port(args.port)?;
-    let config = dir.path().join(format!("{DEMO_RESOURCE}.toml"));
-    std::fs::write(&config, demo_config(dir.path(), port))
-        .map_err(io_err(format!("write {}", config.display())))?;
-    let log_path = dir.path().join("replicatord.log");
-    let log = std::fs::File::create(&log_path).map_err(io_err("create the daemon log"))?;
-    let log_err = log.try_clone().map_err(io_err("create the daemon log"))?;
-    let child = std::process::Command::new(daemon_exe)
-        .arg("--config")
-        .arg(&config)
-        .args(["--node", "alpha"])
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err)
-        // Its own process group: Ctrl-C goes to replctl, which stops it.
-        .process_group(0)
-        .spawn()
-        .map_err(io_err(format!("start {}", daemon_exe.display())))?;
-    let mut daemon = Daemon { child, log_path };
-
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let deadline = Instant::now() + DAEMON_START_TIMEOUT;
-    loop {
-        if let Some(status) = daemon
-            .child
-            .try_wait()
-            .map_err(io_err("wait for replicatord"))?
-        {
-            return Err(DemoError::DaemonDied {
-                status,
-                log: daemon.log(),
-            });
+    let d = dir.path().display().to_string();
+    if log {
+        let file = std::fs::File::create(dir.path().join("demo.log"))
+            .map_err(io_err("create the demo log"))?;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // Another subscriber already installed (tests) is fine.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .try_init();
+    }
+    for n in ["alpha", "bravo"] {
+        let disk = dir.path().join(format!("{n}.img"));
+        std::fs::File::create(&disk)
+            .and_then(|f| f.set_len(DEMO_DISK_BYTES))
+            .map_err(io_err(format!("create the sparse disk {}", disk.display())))?;
+    }
+    let nbd = pick_port(args.port, &[])?;
+    let alpha = pick_port(DEMO_REPLICATION_PORT, &[nbd])?;
+    let bravo = pick_port(alpha + 1, &[nbd, alpha])?;
+    let ports = DemoPorts { nbd, alpha, bravo };
+    let config_path = dir.path().join(format!("{DEMO_RESOURCE}.toml"));
+    std::fs::write(&config_path, demo_config(dir.path(), ports))
+        .map_err(io_err(format!("write {}", config_path.display())))?;
+    let cfg = config::load(&config_path)?;
+    for n in ["alpha", "bravo"] {
+        create_md(&cfg, n, false).map_err(|e| DemoError::Metadata {
+            node: n.into(),
+            detail: e.to_string(),
+        })?;
+    }
+    let start = |n: &'static str| {
+        let cfg = cfg.clone();
+        async move {
+            node::start(&cfg, n)
+                .await
+                .map_err(|source| DemoError::Start {
+                    node: n.into(),
+                    source: Box::new(source),
+                })
         }
-        if tokio::task::spawn_blocking(move || greets(addr))
+    };
+    let a = start("alpha").await?;
+    let b = match start("bravo").await {
+        Ok(b) => b,
+        Err(e) => {
+            a.stop();
+            let _ = a.wait().await;
+            return Err(e);
+        }
+    };
+    let ready = async {
+        wait_connected(&a, |_| true).await?;
+        // Both disks are empty: no initial sync needed.
+        command(&a, Request::NewCurrentUuid { clear_bitmap: true }).await?;
+        command(&a, Request::Primary { force: false }).await?;
+        // Show the status once alpha has heard that bravo is UpToDate.
+        wait_connected(&a, |s| {
+            s.peer_disk == crate::control::protocol::DiskState::UpToDate
+        })
+        .await?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, nbd));
+        if !tokio::task::spawn_blocking(move || greets(addr))
             .await
             .unwrap_or(false)
         {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(DemoError::DaemonSlow {
-                timeout: DAEMON_START_TIMEOUT,
-                log: daemon.log(),
+            return Err(DemoError::Refused {
+                command: "primary".into(),
+                reason: format!("nothing serves NBD on {addr}"),
             });
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        Ok(a.status().await)
     }
+    .await;
+    let status = match ready {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = stop_both(a, b).await;
+            return Err(e);
+        }
+    };
 
-    let uri = format!("nbd://127.0.0.1:{port}/{DEMO_RESOURCE}");
-    let d = dir.path().display();
+    let uri = format!("nbd://127.0.0.1:{nbd}/{DEMO_RESOURCE}");
+    let size = status.as_ref().map_or(0, |s| s.size_bytes);
+    let status_text = status
+        .as_ref()
+        .map_or_else(String::new, render::status_text);
     let banner = format!(
-        "Replicator demo: one node serving a sparse 1 GiB file over NBD\n\
-         (replication between two nodes comes in a later release).\n\
-         \n  disk:   {d}/alpha.img\n  config: {d}/{DEMO_RESOURCE}.toml\n  log:    {d}/replicatord.log\n\
+        "Replicator demo: two nodes on loopback, alpha and bravo, each over a sparse\n\
+         1 GiB file, replicating synchronously (protocol C). alpha is primary.\n\
+         \n  directory: {d}\n  config:    {d}/{DEMO_RESOURCE}.toml\n  log:       {d}/demo.log\n\
          \nNBD URI: {uri}\n\
+         \n{status_text}\n\
          \nTry, in another terminal:\n\
          \x20 nbdinfo {uri}\n\
-         \x20 qemu-img info {uri}\n\
-         \x20 qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}\n\
-         \nPress Ctrl-C to stop; the directory above is then removed.\n"
+         \x20 qemu-io -f raw -c 'write -P 0xab 0 1M' {uri}\n\
+         \x20 cmp -n {size} {d}/alpha.img {d}/bravo.img   # the replicas are identical\n\
+         \x20 replctl --config {d}/{DEMO_RESOURCE}.toml --node alpha status\n\
+         \x20 replctl --config {d}/{DEMO_RESOURCE}.toml --node bravo events\n\
+         \nPress Ctrl-C to stop both nodes; the directory above is then removed.\n"
     );
     out.write_all(banner.as_bytes())
         .and_then(|()| out.flush())
         .map_err(io_err("write to standard output"))?;
 
-    // Wait for Ctrl-C, or for the daemon to die on its own.
+    // Wait for Ctrl-C, or for a node to stop on its own.
     tokio::pin!(stop);
-    let died = loop {
+    loop {
         tokio::select! {
-            _ = &mut stop => break None,
+            _ = &mut stop => break,
             _ = tokio::time::sleep(POLL_INTERVAL * 4) => {
-                if let Some(status) = daemon.child.try_wait().map_err(io_err("wait for replicatord"))? {
-                    break Some(status);
+                if a.is_finished() || b.is_finished() {
+                    break;
                 }
             }
         }
-    };
-    let status = match died {
-        Some(status) => status,
-        None => {
-            let _ = writeln!(out, "\nStopping replicatord…");
-            tokio::task::block_in_place(|| daemon.stop())?
-        }
-    };
-    if !status.success() || died.is_some() {
-        return Err(DemoError::DaemonFailed {
-            status,
-            log: daemon.log(),
-        });
     }
-    let _ = writeln!(out, "replicatord stopped cleanly; removed {d}.");
-    drop(daemon);
+    let _ = writeln!(out, "\nStopping both nodes…");
+    stop_both(a, b).await?;
+    let _ = writeln!(out, "Both nodes stopped cleanly; removed {d}.");
     dir.close()
         .map_err(io_err("remove the demo's temporary directory"))?;
     Ok(())
@@ -278,27 +345,37 @@ mod tests {
 
     #[test]
     fn busy_port_moves_on_to_the_next_free_one() {
-        // Proves pick_port skips a port that is taken.
+        // Proves pick_port skips a port that is taken, and one already
+        // chosen for something else.
         let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let p = taken.local_addr().unwrap().port();
-        let picked = pick_port(p).unwrap();
+        let picked = pick_port(p, &[]).unwrap();
         assert_ne!(picked, p);
         assert!(picked > p && picked < p.saturating_add(DEMO_PORT_ATTEMPTS));
+        let next = pick_port(p, &[picked]).unwrap();
+        assert!(next != picked && next != p);
     }
 
     #[test]
-    fn demo_config_is_a_valid_one_node_config() {
-        // Proves the generated config passes validation as a one-node resource.
-        let c = crate::config::parse(
+    fn demo_config_is_a_valid_two_node_config() {
+        // Proves the generated config passes validation as a replicated
+        // resource with alpha serving NBD on the chosen port.
+        let ports = DemoPorts {
+            nbd: 10810,
+            alpha: 7789,
+            bravo: 7790,
+        };
+        let c = config::parse(
             Path::new("demo.toml"),
-            &demo_config(Path::new("/tmp/x"), 10810),
+            &demo_config(Path::new("/tmp/x"), ports),
         )
         .unwrap();
         assert_eq!(c.resource, DEMO_RESOURCE);
-        assert_eq!(c.nodes.len(), 1);
+        assert_eq!(c.nodes.len(), 2);
         let a = c.node("alpha").unwrap();
         assert_eq!(a.nbd.to_string(), "127.0.0.1:10810");
-        assert_eq!(a.disk, PathBuf::from("/tmp/x/alpha.img"));
+        assert_eq!(a.disk, std::path::PathBuf::from("/tmp/x/alpha.img"));
+        assert_eq!(c.peer_of("alpha").unwrap().name, "bravo");
     }
 
     #[test]
@@ -317,65 +394,47 @@ mod tests {
         server.join().unwrap();
     }
 
-    /// A stand-in daemon: reads the port from the config it is given,
-    /// greets NBD clients, and exits 0 on SIGTERM.
-    const FAKE_DAEMON: &str = r#"#!/usr/bin/python3
-import re, signal, socket, sys
-cfg = open(sys.argv[sys.argv.index("--config") + 1]).read()
-assert re.search(r'^\[nodes\.alpha\]$', cfg, re.M), cfg
-port = int(re.search(r'nbd\s*=\s*"127\.0\.0\.1:(\d+)"', cfg).group(1))
-signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
-s = socket.socket()
-s.bind(("127.0.0.1", port))
-s.listen()
-while True:
-    c, _ = s.accept()
-    c.sendall(b"NBDMAGIC")
-    c.close()
-"#;
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn demo_starts_daemon_prints_uri_and_cleans_up_on_stop() {
-        // Proves the whole demo flow with a stand-in daemon: a config and a
-        // sparse 1 GiB disk are made, the daemon is started and awaited until
-        // it greets, the URI is printed, and on stop the daemon gets SIGTERM
-        // and the temporary directory is removed.
-        let bin = tempfile::tempdir().unwrap();
-        let fake = bin.path().join("replicatord");
-        std::fs::write(&fake, FAKE_DAEMON).unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut out = Vec::new();
-        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<PathBuf>();
-        let parent = bin.path().join("demos");
-        std::fs::create_dir(&parent).unwrap();
-        let parent_for_stop = parent.clone();
-        // Stop as soon as the demo waits for Ctrl-C, after checking the
-        // disk it made while it still exists.
+    async fn demo_runs_two_connected_nodes_prints_uri_and_status_and_cleans_up() {
+        // Proves the quick start end to end: two nodes over sparse 1 GiB
+        // files connect, alpha is primary and serves NBD at the printed URI,
+        // bravo mirrors (its status says Connected, UpToDate), the banner
+        // shows the status, and on stop both stop and the directory goes.
+        let parent = tempfile::tempdir().unwrap();
+        let port = pick_port(20809, &[]).unwrap();
+        let p = parent.path().to_path_buf();
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<std::path::PathBuf>();
         let stop = async move {
             use std::os::unix::fs::MetadataExt;
-            let parent = parent_for_stop;
-            let dirs: Vec<PathBuf> = std::fs::read_dir(&parent)
+            let dirs: Vec<std::path::PathBuf> = std::fs::read_dir(&p)
                 .unwrap()
                 .filter_map(Result::ok)
                 .map(|e| e.path())
                 .collect();
             assert_eq!(dirs.len(), 1, "{dirs:?}");
-            assert!(dirs[0].join("alpha.img").exists());
-            let size = std::fs::metadata(dirs[0].join("alpha.img")).unwrap();
-            assert_eq!(size.len(), DEMO_DISK_BYTES);
-            assert!(size.blocks() < 1024, "the disk must be sparse");
-            let dir = dirs[0].clone();
-            let _ = seen_tx.send(dir);
+            for n in ["alpha", "bravo"] {
+                let m = std::fs::metadata(dirs[0].join(format!("{n}.img"))).unwrap();
+                assert_eq!(m.len(), DEMO_DISK_BYTES);
+                assert!(m.blocks() < 8192, "the disks must stay sparse");
+            }
+            let mut c = crate::control::client::ControlClient::connect(&dirs[0].join("bravo.sock"))
+                .await
+                .unwrap();
+            match c.request(&Request::Status).await.unwrap() {
+                Response::Status(s) => {
+                    assert_eq!(s.connection, ConnectionState::Connected);
+                    assert_eq!(s.disk, crate::control::protocol::DiskState::UpToDate);
+                    assert_eq!(s.peer_role, crate::control::protocol::PeerRole::Primary);
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(greets(SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
+            let _ = seen_tx.send(dirs[0].clone());
         };
+        let mut out = Vec::new();
         let r = tokio::time::timeout(
-            DAEMON_START_TIMEOUT + DAEMON_STOP_TIMEOUT,
-            run(&DemoArgs { port }, &fake, &parent, &mut out, stop),
+            DEMO_CONNECT_TIMEOUT * 3,
+            run(&DemoArgs { port }, parent.path(), &mut out, stop, false),
         )
         .await
         .expect("demo did not finish");
@@ -386,38 +445,11 @@ while True:
             "{text}"
         );
         assert!(
-            text.contains("nbdinfo nbd://") && text.contains("qemu-io -f raw"),
+            text.contains("role:Primary") && text.contains("peer-disk:UpToDate"),
             "{text}"
         );
+        assert!(text.contains("stopped cleanly"), "{text}");
         let dir = seen_rx.await.unwrap();
-        assert!(text.contains(&dir.display().to_string()), "{text}");
         assert!(!dir.exists(), "the demo directory must be removed");
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn daemon_that_exits_early_is_reported_with_its_log() {
-        // Proves a daemon dying at start-up makes the demo fail with its output
-        // instead of waiting forever.
-        let dir = tempfile::tempdir().unwrap();
-        let fake = dir.path().join("replicatord");
-        std::fs::write(&fake, "#!/bin/sh\necho 'cannot start: test' >&2\nexit 3\n").unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let mut out = Vec::new();
-        let e = run(
-            &DemoArgs { port: 20809 },
-            &fake,
-            dir.path(),
-            &mut out,
-            std::future::pending(),
-        )
-        .await
-        .unwrap_err();
-        match e {
-            DemoError::DaemonDied { log, .. } => {
-                assert!(log.contains("cannot start: test"), "{log}")
-            }
-            other => panic!("expected DaemonDied, got {other}"),
-        }
     }
 }

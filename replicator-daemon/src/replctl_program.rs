@@ -27,7 +27,7 @@ pub struct ReplctlCli {
 /// Every `replctl` subcommand.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum ReplctlCommand {
-    /// Quick start: serve a sparse 1 GiB file over NBD on loopback until Ctrl-C.
+    /// Quick start: two nodes replicating on loopback over sparse 1 GiB files, alpha serving NBD, until Ctrl-C.
     Demo(DemoArgs),
     #[command(flatten)]
     Control(ControlCommand),
@@ -67,20 +67,19 @@ pub fn main() -> ExitCode {
 
 async fn run_demo(args: &DemoArgs) -> i32 {
     let result = async {
-        let exe = demo::sibling_daemon()?;
         let stop = async {
-            // If the handler cannot be installed, Ctrl-C kills replctl and
-            // the daemon's drop guard never runs; say so rather than hang.
+            // If the handler cannot be installed, stop at once rather than
+            // leave the nodes running with no way to stop them cleanly.
             if let Err(e) = tokio::signal::ctrl_c().await {
                 eprintln!("replctl: cannot wait for Ctrl-C ({e}); stopping the demo");
             }
         };
         demo::run(
             args,
-            &exe,
             &std::env::temp_dir(),
             &mut std::io::stdout(),
             stop,
+            true,
         )
         .await
     }
