@@ -11,7 +11,7 @@
 //! - [`node`]: the replicated node runtime: metadata attach, the event loop
 //!   driving the replication engine, the replicated NBD target, control.
 //! - [`transport`]: the peer link over TCP (dial/accept, tie-break, lanes).
-//! - [`demo`]: `replctl demo`, the one-node quick start.
+//! - [`demo`]: `replctl demo`, the two-node quick start (both nodes in-process).
 //! - [`replctl_program`]: the `replctl` program's command line (control commands + demo).
 #![deny(unsafe_code)]
 
