@@ -78,7 +78,12 @@ pub enum NodeError {
 pub fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread runs the NBD connections, the event loop and the peer link;
+    // disk I/O runs on the io_uring thread (or the blocking pool). Handing
+    // each request between tokio workers cost more than it gained: 4 KiB
+    // depth-1 writes took 172 µs with the multi-thread runtime and 106-120
+    // µs with this one (qemu-nbd 140 µs), with depth-32 IOPS unchanged.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("replicatord")
         .build()
