@@ -1,29 +1,33 @@
-//! The io_uring I/O layer: one ring on its own thread, bridged into tokio.
+//! The io_uring I/O layer: one ring per disk, driven from tokio's own thread.
 //!
-//! Owns the ring, its thread and every buffer while the kernel may touch it.
-//! Requests arrive over a bounded channel ([`SUBMIT_QUEUE_REQUESTS`]); the
-//! submitter then kicks an eventfd that the ring polls, so the thread sleeps
-//! only in `io_uring_enter`. At most [`MAX_IN_FLIGHT_REQUESTS`] operations are
-//! in the kernel at once; further requests wait in the channel, and senders
-//! wait when it is full. Each in-flight operation owns its buffer in a slot
-//! until its completion has been reaped; short reads and writes are
-//! resubmitted for the remainder; a request that cannot be pushed is handed
-//! back as an error. Results go back over a oneshot channel.
+//! Owns the ring and every buffer while the kernel may touch it. A caller
+//! takes one of [`MAX_IN_FLIGHT_REQUESTS`] permits (waiting while all are
+//! taken), puts its operation in a free slot, and submits it right away with
+//! one `io_uring_enter` on its own thread: no hand-off to another thread, so
+//! an O_DIRECT write costs one wake-up (its completion) instead of three.
+//! The ring's descriptor is registered with tokio's reactor ([`AsyncFd`]);
+//! the kernel makes it readable when completions are waiting, and a reaper
+//! task takes them off the queue, resubmits short reads and writes for the
+//! remainder, and answers each caller over a oneshot channel. Each in-flight
+//! operation owns its buffer in its slot until its completion has been
+//! reaped; dropping the [`UringIo`] waits for every operation still in the
+//! kernel (those of cancelled callers), so the disk can be closed after it.
 //!
 //! This is the only module of the crate allowed to use `unsafe` (pushing
-//! entries that point at buffers, and creating the eventfd); each block says
+//! entries that point at buffers, and the malloc tuning); each block says
 //! why it is sound. It must not check ranges or alignment (the engine does).
 #![allow(unsafe_code)]
 
-use std::fs::File;
 use std::future::Future;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 use io_uring::{opcode, squeue, types, IoUring};
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{oneshot, Semaphore};
 
 use super::file::BackingFile;
 use super::io::BlockIo;
@@ -54,12 +58,11 @@ pub fn fix_malloc_mmap_threshold() {
         }
     });
 }
-/// Requests queued between tokio and the ring thread.
-pub const SUBMIT_QUEUE_REQUESTS: usize = 256;
-/// Submission ring entries: every slot plus the eventfd poll, rounded to a power of two.
-const RING_ENTRIES: u32 = (MAX_IN_FLIGHT_REQUESTS as u32 + 1).next_power_of_two();
-/// user_data of the eventfd poll; slots use their index.
-const WAKE_USER_DATA: u64 = u64::MAX;
+
+/// Submission ring entries: one per slot (a power of two). Every pushed
+/// entry is submitted before the lock is let go, so the queue never holds
+/// more than one slot's worth.
+const RING_ENTRIES: u32 = (MAX_IN_FLIGHT_REQUESTS as u32).next_power_of_two();
 
 enum Request {
     Read {
@@ -75,6 +78,16 @@ enum Request {
     Sync {
         reply: oneshot::Sender<io::Result<()>>,
     },
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Read { offset, buf, .. } => write!(f, "Read({offset}, {})", buf.len()),
+            Request::Write { offset, data, .. } => write!(f, "Write({offset}, {})", data.len()),
+            Request::Sync { .. } => write!(f, "Sync"),
+        }
+    }
 }
 
 /// One operation's length: larger buffers go in several operations (the
@@ -151,90 +164,270 @@ impl Slot {
     }
 }
 
-/// The tokio side of the ring: sends requests, awaits their results.
-#[derive(Debug)]
-pub struct UringIo {
-    tx: Option<mpsc::Sender<Request>>,
-    wake: Arc<File>,
-    thread: Option<std::thread::JoinHandle<()>>,
+/// The ring, its slots, and whether it still works.
+struct Ring {
+    ring: IoUring,
+    fd: types::Fd,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Set when `io_uring_enter` failed for good: the buffers of the
+    /// operations then in the kernel are leaked, new ones fail at once.
+    broken: Option<String>,
 }
 
-impl std::fmt::Debug for Request {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Request::Read { offset, buf, .. } => write!(f, "Read({offset}, {})", buf.len()),
-            Request::Write { offset, data, .. } => write!(f, "Write({offset}, {})", data.len()),
-            Request::Sync { .. } => write!(f, "Sync"),
+impl Ring {
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Puts `slot` in the kernel's queue (not yet submitted), or hands it
+    /// back failed if it cannot.
+    fn push_slot(&mut self, mut slot: Slot) {
+        if let Some(why) = &self.broken {
+            slot.fail(io::Error::other(format!("io_uring failed: {why}")));
+            return;
         }
+        let Some(index) = self.free.pop() else {
+            slot.fail(io::Error::other("io_uring: no free slot"));
+            return;
+        };
+        let entry = slot.entry(self.fd, index);
+        self.slots[index] = Some(slot);
+        // SAFETY: the entry points into the buffer owned by `self.slots[index]`,
+        // which stays there (heap data not moved, not freed) until this
+        // entry's completion is taken off the completion queue in `reap`, or
+        // forever (leaked) if the ring breaks. The ring, and so the slots,
+        // are only dropped once nothing is in flight (`UringIo::drop`).
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        if pushed.is_err() {
+            if let Some(slot) = self.slots[index].take() {
+                self.free.push(index);
+                slot.fail(io::Error::other("io_uring submission queue is full"));
+            }
+        }
+    }
+
+    /// Hands the queued entries to the kernel; `wait` blocks until at least
+    /// that many completions are ready.
+    fn submit(&mut self, wait: usize) {
+        if self.broken.is_some() {
+            return;
+        }
+        loop {
+            match self.ring.submit_and_wait(wait) {
+                Ok(_) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // The completion queue is full or the kernel is short of
+                // memory: what was not taken stays queued for the next call,
+                // made once the reaper has emptied the completion queue.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, "io_uring submit failed; failing in-flight disk I/O");
+                    self.break_down(e.to_string());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Fails every in-flight operation, leaking its buffer (the kernel may
+    /// still use it), and refuses new ones.
+    fn break_down(&mut self, why: String) {
+        for slot in self.slots.iter_mut().filter_map(Option::take) {
+            let err = io::Error::other(format!("io_uring failed: {why}"));
+            match slot.req {
+                Request::Read { buf, reply, .. } => {
+                    std::mem::forget(buf);
+                    let _ = reply.send(Err(err));
+                }
+                Request::Write { data, reply, .. } => {
+                    std::mem::forget(data);
+                    let _ = reply.send(Err(err));
+                }
+                Request::Sync { reply } => drop(reply.send(Err(err))),
+            }
+        }
+        self.broken = Some(why);
+    }
+
+    /// Takes every waiting completion off the queue and answers its caller;
+    /// returns how many operations finished for good (their permits go back).
+    fn reap(&mut self) -> usize {
+        let mut finished = 0;
+        let mut resubmitted = false;
+        loop {
+            let Some(cqe) = self.ring.completion().next() else {
+                break;
+            };
+            let (user_data, result) = (cqe.user_data(), cqe.result());
+            let index = user_data as usize;
+            let Some(slot) = self.slots.get_mut(index).and_then(Option::take) else {
+                tracing::error!(user_data, "io_uring completion for an empty slot");
+                continue;
+            };
+            self.free.push(index);
+            match slot.complete(result) {
+                Some(again) => {
+                    self.push_slot(again);
+                    resubmitted = true;
+                }
+                None => finished += 1,
+            }
+        }
+        if resubmitted {
+            self.submit(0);
+        }
+        finished
+    }
+}
+
+/// What the callers and the reaper share.
+struct Shared {
+    ring: Mutex<Ring>,
+    /// One permit per free slot.
+    permits: Semaphore,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Ring> {
+        // A panic while holding the lock leaves the ring in a state every
+        // step keeps consistent (slots and free list change together).
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reaps under the lock and gives back the finished operations' permits.
+    fn reap(&self) {
+        let (finished, broken) = {
+            let mut ring = self.lock();
+            let finished = ring.reap();
+            (finished, ring.broken.is_some())
+        };
+        if broken {
+            self.permits.close();
+        }
+        self.permits.add_permits(finished);
+    }
+}
+
+/// The ring's descriptor, for the reactor.
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The tokio side of the ring: submits requests, awaits their results.
+pub struct UringIo {
+    shared: Arc<Shared>,
+    reaper: tokio::task::JoinHandle<()>,
+    /// Kept open until every operation on it has finished.
+    _file: Arc<BackingFile>,
+}
+
+impl std::fmt::Debug for UringIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringIo")
+            .field("in_flight", &self.shared.lock().in_flight())
+            .finish()
     }
 }
 
 fn stopped() -> io::Error {
-    io::Error::new(io::ErrorKind::BrokenPipe, "the io_uring thread has stopped")
+    io::Error::new(io::ErrorKind::BrokenPipe, "the io_uring engine has stopped")
 }
 
 impl UringIo {
-    /// Sets up the ring and starts its thread; fails if io_uring is unavailable.
+    /// Sets up the ring and its reaper on the current tokio runtime; fails
+    /// if io_uring is unavailable or there is no runtime.
     pub fn new(file: Arc<BackingFile>) -> io::Result<UringIo> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|e| io::Error::other(format!("no tokio runtime for io_uring: {e}")))?;
         let ring = IoUring::new(RING_ENTRIES)?;
-        // SAFETY: eventfd takes no pointers; it returns a new descriptor or -1.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
-        let wake = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(raw) }));
-        let mut r = Ring {
-            ring,
-            fd: types::Fd(file.file.as_raw_fd()),
-            slots: (0..MAX_IN_FLIGHT_REQUESTS).map(|_| None).collect(),
-            free: (0..MAX_IN_FLIGHT_REQUESTS).rev().collect(),
+        let ring_fd = ring.as_raw_fd();
+        let shared = Arc::new(Shared {
+            ring: Mutex::new(Ring {
+                ring,
+                fd: types::Fd(file.file.as_raw_fd()),
+                slots: (0..MAX_IN_FLIGHT_REQUESTS).map(|_| None).collect(),
+                free: (0..MAX_IN_FLIGHT_REQUESTS).rev().collect(),
+                broken: None,
+            }),
+            permits: Semaphore::new(MAX_IN_FLIGHT_REQUESTS),
+        });
+        // Registering here makes a ring the reactor cannot poll an error the
+        // caller can fall back from, not a dead engine.
+        let afd = {
+            let _enter = handle.enter();
+            // SAFETY: the descriptor is the ring's, owned by `shared`; the
+            // reaper keeps `shared` alive and drops this registration first
+            // (field order of `Reaper`), so the descriptor stays open and the
+            // same for the registration's whole life.
+            unsafe { AsyncFd::register_with_interest(RingFd(ring_fd), Interest::READABLE) }
+                .map_err(|e| io::Error::other(format!("cannot poll the io_uring: {e}")))?
         };
-        // Arm the wake-up poll here, so a ring that cannot poll is an error
-        // the caller can fall back from, not a dead engine.
-        r.arm_wake(&wake)?;
-        r.ring.submit()?;
-        let (tx, rx) = mpsc::channel(SUBMIT_QUEUE_REQUESTS);
-        let thread_wake = wake.clone();
-        let thread = std::thread::Builder::new()
-            .name("disk-uring".into())
-            .spawn(move || ring_thread(r, file, rx, thread_wake))?;
+        let reaper = handle.spawn(reap_forever(Reaper {
+            afd,
+            shared: shared.clone(),
+        }));
         Ok(UringIo {
-            tx: Some(tx),
-            wake,
-            thread: Some(thread),
+            shared,
+            reaper,
+            _file: file,
         })
     }
 
     async fn call<T>(&self, req: Request, rx: oneshot::Receiver<io::Result<T>>) -> io::Result<T> {
-        let tx = self.tx.as_ref().ok_or_else(stopped)?;
-        // Only waiting for room may be cancelled; the send and the kick
-        // happen together, so no queued request is left without a wake-up.
-        let permit = tx.reserve().await.map_err(|_| stopped())?;
-        permit.send(req);
-        kick(&self.wake);
+        // Only waiting for a permit may be cancelled; once pushed, the slot
+        // owns the buffer until the kernel is done with it.
+        let permit = self.shared.permits.acquire().await.map_err(|_| stopped())?;
+        permit.forget();
+        {
+            let mut ring = self.shared.lock();
+            ring.push_slot(Slot { req, done_bytes: 0 });
+            ring.submit(0);
+        }
         rx.await.map_err(|_| stopped())?
     }
 }
 
-fn kick(wake: &File) {
-    // An eventfd write fails only if the counter would overflow, and then
-    // the thread is already due to wake up.
-    let _ = (&*wake).write(&1u64.to_ne_bytes());
+/// The reaper's state; the descriptor's registration goes before the ring.
+struct Reaper {
+    afd: AsyncFd<RingFd>,
+    shared: Arc<Shared>,
+}
+
+async fn reap_forever(r: Reaper) {
+    loop {
+        let mut guard = match r.afd.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot wait for io_uring completions");
+                r.shared.lock().break_down(format!("reactor: {e}"));
+                r.shared.permits.close();
+                return;
+            }
+        };
+        // Cleared before reaping: a completion posted meanwhile makes the
+        // descriptor readable again, so none is left waiting.
+        guard.clear_ready();
+        r.shared.reap();
+    }
 }
 
 impl Drop for UringIo {
     fn drop(&mut self) {
-        // Close the channel first so the woken thread sees it closed.
-        self.tx = None;
-        kick(&self.wake);
+        self.reaper.abort();
+        self.shared.permits.close();
         // Wait for the operations still in the kernel (those of cancelled
-        // callers), so that once this returns the disk is closed and its
-        // lock released. Bounded by MAX_IN_FLIGHT_REQUESTS disk operations.
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the io_uring thread panicked");
-            }
+        // callers), so that once this returns no buffer is in use and the
+        // disk may be closed and its lock released. Bounded by
+        // MAX_IN_FLIGHT_REQUESTS disk operations.
+        let mut ring = self.shared.lock();
+        while ring.in_flight() > 0 && ring.broken.is_none() {
+            ring.submit(1);
+            ring.reap();
         }
     }
 }
@@ -269,125 +462,4 @@ impl BlockIo for UringIo {
     fn name(&self) -> &'static str {
         "uring"
     }
-}
-
-struct Ring {
-    ring: IoUring,
-    fd: types::Fd,
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
-}
-
-impl Ring {
-    fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
-    }
-
-    /// Puts `slot` in the kernel's queue, or hands it back failed if it cannot.
-    fn push_slot(&mut self, mut slot: Slot) {
-        let Some(index) = self.free.pop() else {
-            slot.fail(io::Error::other("io_uring: no free slot"));
-            return;
-        };
-        let entry = slot.entry(self.fd, index);
-        self.slots[index] = Some(slot);
-        // SAFETY: the entry points into the buffer owned by `self.slots[index]`,
-        // which stays there (heap data not moved, not freed) until this
-        // entry's completion is taken off the completion queue in
-        // `ring_thread`, or forever (leaked) if the ring dies.
-        let pushed = unsafe { self.ring.submission().push(&entry) };
-        if pushed.is_err() {
-            if let Some(slot) = self.slots[index].take() {
-                self.free.push(index);
-                slot.fail(io::Error::other("io_uring submission queue is full"));
-            }
-        }
-    }
-
-    fn arm_wake(&mut self, wake: &File) -> io::Result<()> {
-        let entry = opcode::PollAdd::new(types::Fd(wake.as_raw_fd()), libc::POLLIN as u32)
-            .build()
-            .user_data(WAKE_USER_DATA);
-        // SAFETY: a poll entry carries no buffer; the eventfd outlives the
-        // ring (the thread holds an Arc of it until after the ring is dropped).
-        unsafe { self.ring.submission().push(&entry) }
-            .map_err(|_| io::Error::other("io_uring submission queue is full"))
-    }
-}
-
-fn ring_thread(
-    mut r: Ring,
-    file: Arc<BackingFile>,
-    mut rx: mpsc::Receiver<Request>,
-    wake: Arc<File>,
-) {
-    let mut closed = false;
-    let mut completions = Vec::with_capacity(RING_ENTRIES as usize * 2);
-    loop {
-        while !closed && !r.free.is_empty() {
-            match rx.try_recv() {
-                Ok(req) => r.push_slot(Slot { req, done_bytes: 0 }),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
-            }
-        }
-        if closed && r.in_flight() == 0 {
-            break;
-        }
-        match r.ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                ) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "io_uring submit failed; failing in-flight disk I/O and stopping the ring");
-                // The kernel may still use the buffers: leak them, fail the requests.
-                for slot in r.slots.iter_mut().filter_map(Option::take) {
-                    let Slot { req, .. } = slot;
-                    let err = || io::Error::other(format!("io_uring failed: {e}"));
-                    match req {
-                        Request::Read { buf, reply, .. } => {
-                            std::mem::forget(buf);
-                            let _ = reply.send(Err(err()));
-                        }
-                        Request::Write { data, reply, .. } => {
-                            std::mem::forget(data);
-                            let _ = reply.send(Err(err()));
-                        }
-                        Request::Sync { reply } => drop(reply.send(Err(err()))),
-                    }
-                }
-                // Leak the ring too, so nothing it points at is ever unmapped early.
-                std::mem::forget(r.ring);
-                return;
-            }
-        }
-        completions.clear();
-        completions.extend(r.ring.completion().map(|c| (c.user_data(), c.result())));
-        for &(user_data, result) in &completions {
-            if user_data == WAKE_USER_DATA {
-                let mut counter = [0u8; 8];
-                let _ = (&*wake).read(&mut counter);
-                if !closed {
-                    if let Err(e) = r.arm_wake(&wake) {
-                        tracing::error!(error = %e, "io_uring engine cannot re-arm its wake-up poll");
-                    }
-                }
-                continue;
-            }
-            let index = user_data as usize;
-            let Some(slot) = r.slots.get_mut(index).and_then(Option::take) else {
-                tracing::error!(user_data, "io_uring completion for an empty slot");
-                continue;
-            };
-            r.free.push(index);
-            if let Some(again) = slot.complete(result) {
-                r.push_slot(again);
-            }
-        }
-    }
-    drop(r);
-    drop(file);
 }
