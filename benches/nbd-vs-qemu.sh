@@ -9,11 +9,20 @@
 # machine load hits all alike. Prints one table: workload, qemu-nbd, alone,
 # replicated, and the ratios to qemu-nbd.
 #
+# On disk, also the raw disk: fio itself (io_uring, O_DIRECT) on a file in
+# the same directory as the backing files, same size, same 4k randwrite qd32
+# and 1M seq write qd16 jobs, taking its turn in the same rotation. Both
+# replicas write to that one disk, so issue 4's disk goal is replicated >=
+# 0.9 x half the raw figure; a second table sets the two against each other.
+#
 # Then the resync row: both nodes connected over RESYNC_MIB exports, the
 # secondary disconnects, RESYNC_MIB of data is written on the primary, the
 # secondary reconnects, and the time until both report Established with
 # nothing out of sync is set against `nbdcopy` of the same data between two
 # qemu-nbd exports. And the peak RSS (VmHWM) of every server process.
+#
+# Last, the goals of issues 2 and 4, each with the ratio measured in this run
+# and met or not met.
 #
 #   benches/nbd-vs-qemu.sh
 #
@@ -27,7 +36,8 @@
 #   REPLCTL=PATH        its control tool (default: next to REPLICATORD)
 #   OURS=replicatord    or qemu-nbd, to check the script against itself
 #                       (then the replicated column and resync are skipped)
-#   REPLICATED=1        0 skips the replicated column and the resync row
+#   REPLICATED=1        0 skips the replicated column, the raw disk and the
+#                       resync row
 #   RESYNC_MIB=1024     out-of-sync data for the resync row
 # Needs: qemu-nbd (qemu-utils), fio with the nbd engine, nbdinfo (libnbd-bin),
 # python3.
@@ -207,11 +217,22 @@ stop_servers() {
     pids=()
 }
 
-# fio_job SIDE NAME URI ARGS... -> writes $work/SIDE-NAME.json
+# fio_on TARGET ARGS...: fio on an NBD export (TARGET nbd://...) with the nbd
+# engine, or on a file (the raw disk) with io_uring and O_DIRECT
+fio_on() {
+    local target=$1
+    shift
+    case "$target" in
+    nbd://*) fio --ioengine=nbd --uri="$target" "$@" ;;
+    *) fio --ioengine=io_uring --direct=1 --filename="$target" "$@" ;;
+    esac
+}
+
+# fio_job SIDE NAME TARGET ARGS... -> writes $work/SIDE-NAME.json
 fio_job() {
-    local side=$1 name=$2 uri=$3
+    local side=$1 name=$2 target=$3
     shift 3
-    fio --name="$name" --ioengine=nbd --uri="$uri" --size="${SIZE_MIB}m" \
+    fio_on "$target" --name="$name" --size="${SIZE_MIB}m" \
         --time_based --runtime="$RUNTIME_S" --ramp_time=1 --norandommap \
         --output-format=json --output="$work/$side-$name.json" "$@" >/dev/null
 }
@@ -226,29 +247,35 @@ jobs=(
     "fsync --rw=randwrite --bs=4k --iodepth=1 --fsync=1"
 )
 
-# results SIDE -> $work/SIDE.results (workload<TAB>value)
+# The jobs the raw disk runs: those of issue 4's disk goal.
+raw_jobs="rw32 sw"
+
+# results SIDE [JOB...] -> $work/SIDE.results (workload<TAB>value), the rows
+# of all jobs or of the JOBs given
 results() {
-    $PY - "$work" "$1" >"$work/$1.results" <<'PY'
+    $PY - "$work" "$@" >"$work/$1.results" <<'PY'
 import json, sys
-work, side = sys.argv[1], sys.argv[2]
+work, side, only = sys.argv[1], sys.argv[2], sys.argv[3:]
 def job(name):
     with open("%s/%s-%s.json" % (work, side, name)) as f:
         j = json.load(f)["jobs"][0]
     if j["error"]:
         sys.exit("fio job %s-%s failed with error %d" % (side, name, j["error"]))
     return j
-lat = job("lat")["write"]
+# workload, job, value of the job's json
 rows = [
-    ("4k randwrite qd1 mean latency (us)", lat["lat_ns"]["mean"] / 1e3),
-    ("4k randwrite qd1 p99 latency (us)", lat["clat_ns"]["percentile"]["99.000000"] / 1e3),
-    ("4k randwrite qd32 (IOPS)", job("rw32")["write"]["iops"]),
-    ("4k randread qd32 (IOPS)", job("rr32")["read"]["iops"]),
-    ("1M seq write qd16 (MB/s)", job("sw")["write"]["bw_bytes"] / 1e6),
-    ("1M seq read qd16 (MB/s)", job("sr")["read"]["bw_bytes"] / 1e6),
-    ("4k write+fsync qd1 (IOPS)", job("fsync")["write"]["iops"]),
+    ("4k randwrite qd1 mean latency (us)", "lat", lambda j: j["write"]["lat_ns"]["mean"] / 1e3),
+    ("4k randwrite qd1 p99 latency (us)", "lat",
+     lambda j: j["write"]["clat_ns"]["percentile"]["99.000000"] / 1e3),
+    ("4k randwrite qd32 (IOPS)", "rw32", lambda j: j["write"]["iops"]),
+    ("4k randread qd32 (IOPS)", "rr32", lambda j: j["read"]["iops"]),
+    ("1M seq write qd16 (MB/s)", "sw", lambda j: j["write"]["bw_bytes"] / 1e6),
+    ("1M seq read qd16 (MB/s)", "sr", lambda j: j["read"]["bw_bytes"] / 1e6),
+    ("4k write+fsync qd1 (IOPS)", "fsync", lambda j: j["write"]["iops"]),
 ]
-for name, value in rows:
-    print("%s\t%.1f" % (name, value))
+for name, name_of_job, value in rows:
+    if not only or name_of_job in only:
+        print("%s\t%.1f" % (name, value(job(name_of_job))))
 PY
 }
 
@@ -279,12 +306,37 @@ print("(latency rows: a ratio above 1 means slower; other rows: above 1 means fa
 PY
 }
 
-# bench_on LABEL DIR DIRECT
+# raw_table LABEL: issue 4's disk goal, the replicated column against half
+# the raw disk
+raw_table() {
+    $PY - "$work" "$1" <<'PY'
+import sys
+work, label = sys.argv[1], sys.argv[2]
+def load(side):
+    return dict(l.rstrip("\n").split("\t") for l in open("%s/%s.results" % (work, side)))
+raw, repl = load("raw"), load("repl")
+print("backing: %s; raw = fio on a file in the same directory (io_uring, O_DIRECT, same job);"
+      " both replicas share this disk: goal replicated >= 0.9 x raw/2" % label)
+print("| %-36s | %10s | %10s | %10s | %12s | %8s |"
+      % ("workload", "raw", "raw/2", "replicated", "repl/(raw/2)", "goal"))
+print("|%s|%s|%s|%s|%s|%s|" % ("-" * 38, "-" * 12, "-" * 12, "-" * 12, "-" * 14, "-" * 10))
+for name in raw:
+    r, half, rep = float(raw[name]), float(raw[name]) / 2, float(repl[name])
+    ratio = rep / half if half else float("nan")
+    print("| %-36s | %10.1f | %10.1f | %10.1f | %12.2f | %8s |"
+          % (name, r, half, rep, ratio, "met" if ratio >= 0.9 else "not met"))
+PY
+}
+
+# bench_on KEY LABEL DIR DIRECT: KEY (disk or tmpfs) names the numbers kept
+# in $work/summary for the goals
 bench_on() {
-    local label=$1 dir=$2 direct=$3
+    local key=$1 label=$2 dir=$3 direct=$4
     declare -A uri
-    local side kind port sides="base ours"
+    local side kind port sides="base ours" raw=0
     if [ "$REPLICATED" = 1 ]; then sides="base ours repl"; fi
+    # The raw disk, for issue 4's disk goal (it needs the replicated column).
+    if [ "$direct" = true ] && [ "$REPLICATED" = 1 ]; then raw=1; fi
     for side in $sides; do
         port=$(free_port)
         # Allocated (non-sparse) files, as a real backing disk would be.
@@ -303,12 +355,20 @@ bench_on() {
             --rw=write --bs=1m --iodepth=16 --output-format=json \
             --output="$work/$side-fill.json" >/dev/null
     done
-    local i=0 job name order
-    # shellcheck disable=SC2206 # sides is a list of words
-    local list=($sides) n
-    n=${#list[@]}
+    if [ $raw = 1 ]; then
+        dd if=/dev/zero of="$dir/raw.img" bs=1M count="$SIZE_MIB" status=none
+        uri[raw]="$dir/raw.img"
+        # Written once through O_DIRECT, as the exports' files were.
+        fio_on "${uri[raw]}" --name=fill --size="${SIZE_MIB}m" --rw=write --bs=1m \
+            --iodepth=16 --output-format=json --output="$work/raw-fill.json" >/dev/null
+    fi
+    local i=0 job name order list n
     for job in "${jobs[@]}"; do
         read -r name args <<<"$job"
+        # shellcheck disable=SC2206 # sides is a list of words
+        list=($sides)
+        if [ $raw = 1 ] && [[ " $raw_jobs " == *" $name "* ]]; then list+=(raw); fi
+        n=${#list[@]}
         # Rotate which side goes first.
         order=""
         for ((k = 0; k < n; k++)); do order="$order ${list[$(((i + k) % n))]}"; done
@@ -325,18 +385,31 @@ bench_on() {
     done
     stop_servers
     for side in $sides; do results "$side"; done
+    # shellcheck disable=SC2086 # raw_jobs is a list of words
+    if [ $raw = 1 ]; then results raw $raw_jobs; fi
     # shellcheck disable=SC2086 # sides is a list of words
     table "$label" $sides
     echo "peak RSS (VmHWM) after the fio jobs, MiB:" \
         "$(printf '%s; ' "${rss_rows[@]}")(repl = primary + secondary)"
     echo
+    if [ $raw = 1 ]; then
+        raw_table "$label"
+        echo
+    fi
+    local kept=$sides
+    if [ $raw = 1 ]; then kept="$kept raw"; fi
+    mkdir -p "$work/summary"
+    for side in $kept; do
+        cp "$work/$side.results" "$work/summary/$key-$side.results"
+    done
     rm -f "$work"/*.results "$work"/*.json "$dir"/*.img
 }
 
-# resync_on LABEL DIR DIRECT: time to resync RESYNC_MIB of out-of-sync data
-# against nbdcopy of the same data between two qemu-nbd exports.
+# resync_on KEY LABEL DIR DIRECT: time to resync RESYNC_MIB of out-of-sync
+# data against nbdcopy of the same data between two qemu-nbd exports; the two
+# times are kept in $work/summary/KEY-resync for the goals.
 resync_on() {
-    local label=$1 dir=$2 direct=$3
+    local key=$1 label=$2 dir=$3 direct=$4
     local config="$work/resync.toml" port t0 t1 oos
     port=$(free_port)
     dd if=/dev/zero of="$dir/resync.img" bs=1M count="$RESYNC_MIB" status=none
@@ -374,12 +447,16 @@ resync_on() {
     rss_q=$(peak_rss_mib "${side_pids[copysrc]}" "${side_pids[copydst]}")
     stop_servers
     cmp -s "$dir/copy.img" "$dir/resync.img" || { echo "nbdcopy copy differs" >&2; exit 1; }
-    $PY - "$label" "$RESYNC_MIB" "$oos" "$sent" "$t0" "$t1" "$c0" "$c1" "$rss_a" "$rss_b" "$rss_q" <<'PY'
+    mkdir -p "$work/summary"
+    $PY - "$label" "$RESYNC_MIB" "$oos" "$sent" "$t0" "$t1" "$c0" "$c1" "$rss_a" "$rss_b" "$rss_q" \
+        "$work/summary/$key-resync" <<'PY'
 import sys
 label, mib, oos, sent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 t0, t1, c0, c1 = map(float, sys.argv[5:9])
 rss_a, rss_b, rss_q = sys.argv[9:12]
 r, c = t1 - t0, c1 - c0
+with open(sys.argv[12], "w") as f:
+    f.write("nbdcopy\t%f\nresync\t%f\n" % (c, r))
 print("backing: %s; %d MiB out of sync (%d bytes marked, %d sent by the resync)" % (label, mib, oos, sent))
 print("| %-36s | %10s | %10s | %10s |" % ("", "nbdcopy", "resync", "resync/nbdcopy"))
 print("|%s|%s|%s|%s|" % ("-" * 38, "-" * 12, "-" * 12, "-" * 16))
@@ -391,17 +468,92 @@ PY
     rm -f "$work"/*.json "$dir"/*.img
 }
 
+# goals: the goals of issues 2 and 4, judged from the numbers this run kept
+# in $work/summary
+goals() {
+    $PY - "$work/summary" "$OURS" "$REPLICATED" "$BACKING" "$RESYNC_MIB" <<'PY'
+import os, sys
+d, ours_kind, replicated, backing, resync_mib = sys.argv[1:6]
+resync_mib = int(resync_mib)
+LAT = "4k randwrite qd1 mean latency (us)"
+IOPS = "4k randwrite qd32 (IOPS)"
+SW = "1M seq write qd16 (MB/s)"
+
+def load(name):
+    p = "%s/%s" % (d, name)
+    if not os.path.exists(p):
+        return None
+    return {k: float(v) for k, v in (l.rstrip("\n").split("\t") for l in open(p))}
+
+def verdict(ok):
+    return "met" if ok else "not met"
+
+rows = []  # goal, backing, measured, met?
+for key in ("disk", "tmpfs"):
+    base, ours, repl, raw = (load("%s-%s.results" % (key, s)) for s in ("base", "ours", "repl", "raw"))
+    resync = load("%s-resync" % key)
+    if base is None:
+        rows.append(("all goals", key, "not run (BACKING=%s)" % backing, "-"))
+        continue
+    # Issue 2: alone at least as good as qemu-nbd on every row (latency: lower).
+    goal = "issue 2: alone >= qemu-nbd on every row"
+    if ours_kind != "replicatord":
+        rows.append((goal, key, "not judged (OURS=%s)" % ours_kind, "-"))
+    else:
+        ratio = {n: ours[n] / base[n] for n in base}
+        good = {n: (1 / r if "latency" in n else r) for n, r in ratio.items()}
+        short = [n for n in base if good[n] < 1]
+        if short:
+            measured = "alone/qemu-nbd: " + ", ".join("%s %.2fx" % (n, ratio[n]) for n in short)
+        else:
+            worst = min(good, key=good.get)
+            measured = "alone/qemu-nbd, worst row: %s %.2fx" % (worst, ratio[worst])
+        rows.append((goal, key, measured, verdict(not short)))
+    if repl is None:
+        why = "OURS=%s" % ours_kind if ours_kind != "replicatord" else "REPLICATED=%s" % replicated
+        rows.append(("issue 4: all", key, "not run (%s)" % why, "-"))
+        continue
+    r = repl[LAT] / base[LAT]
+    rows.append(("issue 4: replicated qd1 mean latency <= 1.3x qemu-nbd", key,
+                 "%.2fx (%.1f / %.1f us)" % (r, repl[LAT], base[LAT]), verdict(r <= 1.3)))
+    for name, what in ((IOPS, "qd32 IOPS"), (SW, "1M write")):
+        if key == "disk":
+            half = raw[name] / 2
+            r = repl[name] / half
+            rows.append(("issue 4: replicated %s >= 0.9x raw disk/2" % what, key,
+                         "%.2fx (%.1f / %.1f)" % (r, repl[name], half), verdict(r >= 0.9)))
+        else:
+            r = repl[name] / base[name]
+            rows.append(("issue 4: replicated %s >= 0.8x qemu-nbd" % what, key,
+                         "%.2fx (%.1f / %.1f)" % (r, repl[name], base[name]), verdict(r >= 0.8)))
+    r = resync["resync"] / resync["nbdcopy"]
+    note = "" if resync_mib == 1024 else "; %d MiB, not 1 GiB" % resync_mib
+    rows.append(("issue 4: 1 GiB resync <= 1.1x nbdcopy", key,
+                 "%.2fx (%.2f / %.2f s%s)" % (r, resync["resync"], resync["nbdcopy"], note),
+                 verdict(r <= 1.1)))
+
+head = ("goal", "backing", "measured", "met?")
+w = [max(len(row[i]) for row in rows + [head]) for i in range(4)]
+print("goals of issues 2 and 4, from the numbers of this run:")
+print("| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(head)) + " |")
+print("|" + "|".join("-" * (x + 2) for x in w) + "|")
+for row in rows:
+    print("| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(row)) + " |")
+PY
+}
+
 echo "fio nbd engine, ${RUNTIME_S}s per job, ${SIZE_MIB} MiB export, $(nproc) CPUs, $(date -u +%F)"
 case "$BACKING" in
 disk | both)
-    bench_on "file under /var/tmp, O_DIRECT" "$work" true
-    if [ "$REPLICATED" = 1 ]; then resync_on "file under /var/tmp, O_DIRECT" "$work" true; fi
+    bench_on disk "file under /var/tmp, O_DIRECT" "$work" true
+    if [ "$REPLICATED" = 1 ]; then resync_on disk "file under /var/tmp, O_DIRECT" "$work" true; fi
     ;;
 esac
 case "$BACKING" in
 tmpfs | both)
     shm_dir=$(mktemp -d /dev/shm/nbd-bench.XXXXXX)
-    bench_on "file on tmpfs, page cache" "$shm_dir" false
-    if [ "$REPLICATED" = 1 ]; then resync_on "file on tmpfs, page cache" "$shm_dir" false; fi
+    bench_on tmpfs "file on tmpfs, page cache" "$shm_dir" false
+    if [ "$REPLICATED" = 1 ]; then resync_on tmpfs "file on tmpfs, page cache" "$shm_dir" false; fi
     ;;
 esac
+goals
