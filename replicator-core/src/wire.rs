@@ -734,7 +734,24 @@ pub fn encode(msg: &Message, dst: &mut BytesMut) -> Result<(), WireError> {
 /// Appends the frame of `msg`, numbered `seq`, to `dst`. On error `dst` is
 /// left unchanged.
 pub fn encode_with_seq(msg: &Message, seq: u32, dst: &mut BytesMut) -> Result<(), WireError> {
+    if let Some(data) = encode_parts(msg, seq, dst)? {
+        dst.extend_from_slice(&data);
+    }
+    Ok(())
+}
+
+/// Like [`encode_with_seq`], but the bulk data of a `Write` or `ResyncData`
+/// frame is not copied: `dst` gets the header and the fixed fields, and the
+/// data, which goes on the wire right after them, is returned (a vectored
+/// write sends both without a copy). Other frames are appended whole and
+/// `None` is returned. On error `dst` is left unchanged.
+pub fn encode_parts(
+    msg: &Message,
+    seq: u32,
+    dst: &mut BytesMut,
+) -> Result<Option<Bytes>, WireError> {
     validate(msg)?;
+    let mut tail: Option<&Bytes> = None;
     let start = dst.len();
     dst.reserve(HEADER_BYTES + 128);
     dst.put_bytes(0, HEADER_BYTES);
@@ -800,12 +817,11 @@ pub fn encode_with_seq(msg: &Message, seq: u32, dst: &mut BytesMut) -> Result<()
             len_bytes,
             data,
         } => {
-            dst.reserve(24 + data.len());
             dst.put_u64(id.0);
             dst.put_u64(*offset);
             dst.put_u32(*flags);
             dst.put_u32(*len_bytes);
-            dst.put_slice(data);
+            tail = Some(data);
         }
         Message::RecvAck { id } | Message::Barrier { id } => dst.put_u64(id.0),
         Message::WriteAck { id, error } | Message::BarrierAck { id, error } => {
@@ -853,21 +869,26 @@ pub fn encode_with_seq(msg: &Message, seq: u32, dst: &mut BytesMut) -> Result<()
             dst.put_slice(digest);
         }
         Message::ResyncData { id, offset, data } => {
-            dst.reserve(16 + data.len());
             dst.put_u64(id.0);
             dst.put_u64(*offset);
-            dst.put_slice(data);
+            tail = Some(data);
         }
         Message::Disconnect { reason } => put_text(dst, reason),
     }
-    let payload_len = dst.len() - start - HEADER_BYTES;
+    let tail_len = tail.map_or(0, |t| t.len());
+    let payload_len = dst.len() - start - HEADER_BYTES + tail_len;
     if payload_len > MAX_PAYLOAD_BYTES {
         dst.truncate(start);
         return Err(WireError::Oversize {
             len_bytes: (HEADER_BYTES + payload_len) as u64,
         });
     }
-    let payload_crc = crc32fast::hash(&dst[start + HEADER_BYTES..]);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&dst[start + HEADER_BYTES..]);
+    if let Some(t) = tail {
+        crc.update(t);
+    }
+    let payload_crc = crc.finalize();
     let header = &mut dst[start..start + HEADER_BYTES];
     header[0..4].copy_from_slice(&WIRE_MAGIC.to_be_bytes());
     header[4..6].copy_from_slice(&WIRE_VERSION.to_be_bytes());
@@ -877,7 +898,53 @@ pub fn encode_with_seq(msg: &Message, seq: u32, dst: &mut BytesMut) -> Result<()
     header[16..20].copy_from_slice(&payload_crc.to_be_bytes());
     let header_crc = crc32fast::hash(&header[0..20]);
     header[20..24].copy_from_slice(&header_crc.to_be_bytes());
-    Ok(())
+    Ok(tail.cloned())
+}
+
+/// Where the bulk data starts in the payload of the frame types that carry
+/// it (`Write`, `ResyncData`), after their fixed fields.
+fn bulk_data_at(msg_type: u16) -> Option<usize> {
+    match msg_type {
+        code::WRITE => Some(8 + 8 + 4 + 4),
+        code::RESYNC_DATA => Some(8 + 8),
+        _ => None,
+    }
+}
+
+/// The size of a frame and where its bulk data starts, read from its header
+/// before the rest has arrived (so a reader can put the data where it wants
+/// it, e.g. at an O_DIRECT-aligned address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameShape {
+    /// Header plus payload.
+    pub frame_bytes: usize,
+    /// Offset of the bulk data from the start of the frame, for frames that
+    /// carry some.
+    pub data_at: Option<usize>,
+}
+
+/// The shape of the frame whose header starts `src`; `None` while the
+/// header is incomplete, and for any header [`FrameDecoder::decode`] would
+/// refuse (bad magic, version or checksum, oversize): decoding reports why.
+pub fn peek_frame(src: &[u8]) -> Option<FrameShape> {
+    if src.len() < HEADER_BYTES
+        || be_u32(src, 0) != WIRE_MAGIC
+        || be_u16(src, 4) != WIRE_VERSION
+        || be_u32(src, 20) != crc32fast::hash(&src[0..20])
+    {
+        return None;
+    }
+    let payload_len = be_u32(src, 12) as usize;
+    if payload_len > MAX_PAYLOAD_BYTES {
+        return None;
+    }
+    let data_at = bulk_data_at(be_u16(src, 6))
+        .filter(|&at| at <= payload_len)
+        .map(|at| HEADER_BYTES + at);
+    Some(FrameShape {
+        frame_bytes: HEADER_BYTES + payload_len,
+        data_at,
+    })
 }
 
 /// Numbers the frames one side of a connection sends: 0, 1, 2, … (wrapping).
@@ -899,6 +966,19 @@ impl FrameEncoder {
         encode_with_seq(msg, self.next_seq, dst)?;
         self.next_seq = self.next_seq.wrapping_add(1);
         Ok(())
+    }
+
+    /// Like [`encode`](Self::encode), with the bulk data returned rather
+    /// than copied (see [`encode_parts`]); it goes on the wire right after
+    /// what was appended to `dst`, before any later frame.
+    pub fn encode_parts(
+        &mut self,
+        msg: &Message,
+        dst: &mut BytesMut,
+    ) -> Result<Option<Bytes>, WireError> {
+        let tail = encode_parts(msg, self.next_seq, dst)?;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        Ok(tail)
     }
 
     /// The number the next frame gets.
@@ -2002,6 +2082,41 @@ mod tests {
             if let Ok(Some(m)) = dec_all(&f) {
                 prop_assert_eq!(validate(&m), Ok(()));
             }
+        }
+
+        #[test]
+        fn parts_are_the_frame_and_peek_finds_its_data(msg in arb_message(), seq in any::<u32>()) {
+            // Proves the vectored encoding sends exactly the bytes of the
+            // whole-frame encoding, and that peeking at a header finds the
+            // frame's length and the offset of its bulk data.
+            let mut whole = BytesMut::new();
+            encode_with_seq(&msg, seq, &mut whole).unwrap();
+            let mut head = BytesMut::new();
+            let tail = encode_parts(&msg, seq, &mut head).unwrap();
+            let mut joined = head.clone();
+            if let Some(t) = &tail {
+                joined.extend_from_slice(t);
+            }
+            prop_assert_eq!(&joined[..], &whole[..]);
+            prop_assert_eq!(peek_frame(&whole[..HEADER_BYTES - 1]), None);
+            let shape = peek_frame(&whole).expect("a valid header");
+            prop_assert_eq!(shape.frame_bytes, whole.len());
+            match (&msg, shape.data_at) {
+                (Message::Write { data, .. } | Message::ResyncData { data, .. }, Some(at)) => {
+                    prop_assert_eq!(&whole[at..], &data[..]);
+                    prop_assert_eq!(tail.as_ref(), Some(data));
+                }
+                (Message::Write { .. } | Message::ResyncData { .. }, None) => {
+                    prop_assert!(false, "no data offset for a data frame");
+                }
+                (_, at) => {
+                    prop_assert_eq!(at, None);
+                    prop_assert_eq!(tail, None);
+                }
+            }
+            let mut bad = whole.clone();
+            bad[21] ^= 1;
+            prop_assert_eq!(peek_frame(&bad), None);
         }
 
         #[test]
