@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use replicator_core::wire::{self, Message, WireError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -411,7 +411,33 @@ async fn read_loop(
     let mut decoder = wire::FrameDecoder::new();
     loop {
         loop {
-            match decoder.decode(&mut buf) {
+            // A data frame not yet whole is read into a buffer of its own,
+            // its data at an O_DIRECT-aligned address (no copy before the
+            // disk write). Its start is in `buf`, and nothing after it.
+            let mut own = match wire::peek_frame(&buf) {
+                Some(shape) if buf.len() < shape.frame_bytes => {
+                    match shape
+                        .data_at
+                        .filter(|&at| shape.frame_bytes - at >= ALIGNED_DATA_MIN_BYTES)
+                    {
+                        Some(at) => {
+                            let mut frame = frame_buffer(shape.frame_bytes, at);
+                            frame.extend_from_slice(&buf);
+                            buf.clear();
+                            if let Err(why) =
+                                read_rest(&mut r, &mut frame, shape.frame_bytes, timeout).await
+                            {
+                                return why;
+                            }
+                            Some(frame)
+                        }
+                        None => None,
+                    }
+                }
+                _ => None,
+            };
+            let src = own.as_mut().unwrap_or(&mut buf);
+            match decoder.decode(src) {
                 Ok(Some(msg)) => {
                     if events
                         .send(LinkEvent::Frame { link: id, msg })
@@ -430,25 +456,77 @@ async fn read_loop(
             }
         }
         buf.reserve(READ_CHUNK_BYTES);
-        match tokio::time::timeout(timeout, r.read_buf(&mut buf)).await {
-            Err(_) => {
-                return format!(
-                    "the peer was silent for {} ms (timeout_ms)",
-                    timeout.as_millis()
-                )
-            }
-            Ok(Ok(0)) => return "the peer closed the connection".to_string(),
-            Ok(Err(e)) => return format!("reading from the peer failed: {e}"),
-            Ok(Ok(_)) => {}
+        if let Err(why) = read_some(&mut r, &mut buf, timeout).await {
+            return why;
         }
     }
 }
+
+/// Data of at least this many bytes is received at an aligned address.
+pub const ALIGNED_DATA_MIN_BYTES: usize = 4096;
+/// The alignment of received data (O_DIRECT's, see disk::aligned).
+const DATA_ALIGN_BYTES: usize = 4096;
+
+/// An empty buffer for a frame of `frame_bytes` whose byte `data_at` sits at
+/// a [`DATA_ALIGN_BYTES`] boundary.
+fn frame_buffer(frame_bytes: usize, data_at: usize) -> BytesMut {
+    let mut b = BytesMut::with_capacity(frame_bytes + DATA_ALIGN_BYTES);
+    let addr = b.as_ptr() as usize + data_at;
+    let pad = (DATA_ALIGN_BYTES - addr % DATA_ALIGN_BYTES) % DATA_ALIGN_BYTES;
+    b.resize(pad, 0);
+    b.advance(pad);
+    b
+}
+
+/// One read into `buf`'s spare capacity, or why the link ends.
+async fn read_some(
+    r: &mut OwnedReadHalf,
+    buf: &mut impl bytes::BufMut,
+    timeout: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(timeout, r.read_buf(buf)).await {
+        Err(_) => Err(format!(
+            "the peer was silent for {} ms (timeout_ms)",
+            timeout.as_millis()
+        )),
+        Ok(Ok(0)) => Err("the peer closed the connection".to_string()),
+        Ok(Err(e)) => Err(format!("reading from the peer failed: {e}")),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+/// Reads until `frame` holds `frame_bytes`, and not a byte more.
+async fn read_rest(
+    r: &mut OwnedReadHalf,
+    frame: &mut BytesMut,
+    frame_bytes: usize,
+    timeout: Duration,
+) -> Result<(), String> {
+    while frame.len() < frame_bytes {
+        let rest = frame_bytes - frame.len();
+        read_some(r, &mut (&mut *frame).limit(rest), timeout).await?;
+    }
+    Ok(())
+}
+
+/// Part of a batch of frames: bytes encoded into the batch buffer, or bulk
+/// data sent from where it is.
+enum Segment {
+    Encoded(std::ops::Range<usize>),
+    Data(Bytes),
+}
+
+/// Data shorter than this is copied into the batch buffer (fewer iovecs).
+const COPY_DATA_BELOW_BYTES: usize = 2048;
+/// iovecs per writev (well under IOV_MAX).
+const MAX_IOVECS: usize = 64;
 
 /// Writes queued frames, application lane first, until the lanes are closed
 /// and drained (returns the close reason) or the socket fails.
 async fn write_loop(mut w: OwnedWriteHalf, shared: &LinkShared) -> String {
     let mut buf = BytesMut::with_capacity(WRITE_BATCH_BYTES);
     let mut batch: VecDeque<Message> = VecDeque::new();
+    let mut segments: Vec<Segment> = Vec::new();
     // Numbers frames in the order they go on the wire.
     let mut encoder = wire::FrameEncoder::new();
     loop {
@@ -475,17 +553,74 @@ async fn write_loop(mut w: OwnedWriteHalf, shared: &LinkShared) -> String {
             continue;
         }
         buf.clear();
+        segments.clear();
+        let mut encoded_from = 0;
         for m in batch.drain(..) {
-            if let Err(e) = encoder.encode(&m, &mut buf) {
+            match encoder.encode_parts(&m, &mut buf) {
+                Ok(Some(data)) if data.len() >= COPY_DATA_BELOW_BYTES => {
+                    segments.push(Segment::Encoded(encoded_from..buf.len()));
+                    segments.push(Segment::Data(data));
+                    encoded_from = buf.len();
+                }
+                Ok(Some(data)) => buf.extend_from_slice(&data),
+                Ok(None) => {}
                 // The engine produced a frame the codec refuses: drop the
                 // link (the engine resyncs) rather than send garbage.
-                return format!("cannot encode a {} frame: {e}", m.name());
+                Err(e) => return format!("cannot encode a {} frame: {e}", m.name()),
             }
         }
-        if let Err(e) = w.write_all(&buf).await {
+        if encoded_from < buf.len() {
+            segments.push(Segment::Encoded(encoded_from..buf.len()));
+        }
+        if let Err(e) = write_segments(&mut w, &buf, &segments).await {
             return format!("writing to the peer failed: {e}");
         }
     }
+}
+
+/// Writes every segment, in order, with vectored writes.
+async fn write_segments(
+    w: &mut OwnedWriteHalf,
+    buf: &[u8],
+    segments: &[Segment],
+) -> std::io::Result<()> {
+    fn bytes_of<'a>(buf: &'a [u8], s: &'a Segment) -> &'a [u8] {
+        match s {
+            Segment::Encoded(r) => &buf[r.clone()],
+            Segment::Data(d) => d,
+        }
+    }
+    let (mut next, mut skip) = (0usize, 0usize);
+    let mut iov: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(MAX_IOVECS);
+    while next < segments.len() {
+        iov.clear();
+        for (k, s) in segments[next..].iter().take(MAX_IOVECS).enumerate() {
+            let b = bytes_of(buf, s);
+            iov.push(std::io::IoSlice::new(if k == 0 { &b[skip..] } else { b }));
+        }
+        let mut n = w.write_vectored(&iov).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        // Move past what was written.
+        while n > 0 {
+            let left = bytes_of(buf, &segments[next]).len() - skip;
+            if n >= left {
+                n -= left;
+                next += 1;
+                skip = 0;
+            } else {
+                skip += n;
+                n = 0;
+            }
+        }
+        // Skip empty segments so the loop ends.
+        while next < segments.len() && bytes_of(buf, &segments[next]).len() == skip {
+            next += 1;
+            skip = 0;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
