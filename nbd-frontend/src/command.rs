@@ -288,9 +288,7 @@ pub async fn execute<T: BlockTarget>(
                 return read_reply(h, p, offset, Bytes::new());
             }
             match target.read(offset, len_bytes).await {
-                Ok(data) if data.len() == len_bytes as usize => {
-                    read_reply(h, p, offset, data.freeze())
-                }
+                Ok(data) if data.len() == len_bytes as usize => read_reply(h, p, offset, data),
                 Ok(data) => error_reply(
                     h,
                     p,

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::target::{BlockTarget, Extent, TargetError, TargetFlags};
 
@@ -161,11 +161,9 @@ impl BlockTarget for MemTarget {
         self.flags
     }
 
-    async fn read(&self, offset: u64, len_bytes: u32) -> Result<BytesMut, TargetError> {
+    async fn read(&self, offset: u64, len_bytes: u32) -> Result<Bytes, TargetError> {
         self.check("read", offset, u64::from(len_bytes))?;
-        Ok(BytesMut::from(
-            &self.read_now(offset, len_bytes as usize)[..],
-        ))
+        Ok(Bytes::from(self.read_now(offset, len_bytes as usize)))
     }
 
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), TargetError> {

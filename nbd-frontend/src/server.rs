@@ -4,7 +4,9 @@
 //!
 //! Per connection, a reader decodes requests and spawns each into a bounded
 //! in-flight window (so replies may go out of order, matched by cookie); a
-//! mutex around the write half makes every reply go out whole. DISC and
+//! mutex around the write half makes every reply go out whole. A WRITE
+//! payload is received into the buffer the target lends
+//! ([`BlockTarget::payload_buf`]) when it lends one. DISC and
 //! shutdown wait for in-flight requests before closing. This module owns
 //! sockets and tasks; it must not choose errno values or encode bytes itself
 //! (that is [`crate::command`] and the codecs).
@@ -14,7 +16,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Mutex, OwnedSemaphorePermit, Semaphore};
@@ -27,8 +29,8 @@ use crate::command::{
 use crate::handshake::{ClientFlags, ClientOption, HandshakeError};
 use crate::negotiate::{ExportInfo, Negotiation, SessionParams, Step};
 use crate::proto::{ESHUTDOWN, MAX_PAYLOAD_BYTES};
-use crate::target::BlockTarget;
-use crate::transmission::{Incoming, RequestDecoder, TransmissionError};
+use crate::target::{BlockTarget, PayloadBuf};
+use crate::transmission::{Head, Incoming, RequestDecoder, TransmissionError};
 
 /// Requests of one connection being executed or waiting to send their reply.
 pub const MAX_IN_FLIGHT_REQUESTS_PER_CONN: usize = 64;
@@ -346,8 +348,42 @@ where
                 warn!("request task failed: {e}");
             }
         }
-        let incoming = match decoder.decode(&mut buf) {
-            Ok(Some(incoming)) => incoming,
+        let incoming = match decoder.decode_head(&mut buf) {
+            Ok(Some(Head::Whole(incoming))) => incoming,
+            Ok(Some(Head::WritePayloadFollows(header))) => {
+                let len = header.length as usize;
+                let payload = if shutting_down {
+                    // Answered ESHUTDOWN below if whole; no more reading.
+                    if buf.len() < len {
+                        result = Ok("server shutting down".into());
+                        break;
+                    }
+                    buf.split_to(len).freeze()
+                } else {
+                    let lent = target.payload_buf(len);
+                    let received = tokio::select! {
+                        biased;
+                        _ = signalled(&mut broken_rx) => {
+                            result = Ok("reply could not be sent".into());
+                            break;
+                        }
+                        _ = signalled(&mut shutdown) => {
+                            result = Ok("server shutting down".into());
+                            break;
+                        }
+                        r = receive_payload(&mut reader, &mut buf, len, lent) => r,
+                    };
+                    match received {
+                        Ok(Some(payload)) => payload,
+                        Ok(None) => break,
+                        Err(e) => {
+                            result = Err(e.into());
+                            break;
+                        }
+                    }
+                };
+                Incoming::Request { header, payload }
+            }
             Ok(None) if shutting_down => {
                 result = Ok("server shutting down".into());
                 break;
@@ -463,6 +499,38 @@ where
     }
     let _ = writer.lock().await.shutdown().await;
     result
+}
+
+/// Receives the `len` payload bytes of a WRITE whose header was just
+/// decoded: those already in `buf` first, then from the socket, straight
+/// into `lent` if the target lent a buffer of that length, else into `buf`.
+/// `None` if the stream ends first.
+async fn receive_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+    lent: Option<Box<dyn PayloadBuf>>,
+) -> io::Result<Option<Bytes>> {
+    if let Some(mut dest) = lent {
+        let slice = dest.as_mut_slice();
+        if slice.len() == len {
+            let have = buf.len().min(len);
+            slice[..have].copy_from_slice(&buf[..have]);
+            buf.advance(have);
+            return match reader.read_exact(&mut slice[have..]).await {
+                Ok(_) => Ok(Some(dest.freeze())),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+                Err(e) => Err(e),
+            };
+        }
+    }
+    while buf.len() < len {
+        buf.reserve(len - buf.len());
+        if reader.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+    Ok(Some(buf.split_to(len).freeze()))
 }
 
 async fn acquire(

@@ -1,13 +1,14 @@
 //! The storage behind an export, as the NBD server sees it.
 //!
-//! Owns the [`BlockTarget`] trait and its error type. It knows nothing of NBD
+//! Owns the [`BlockTarget`] trait, its error type and [`PayloadBuf`] (memory
+//! a target lends for WRITE payloads). It knows nothing of NBD
 //! wire numbers (errno values are chosen by the server at the edge) and
 //! nothing of replication: the daemon implements this trait over a local disk
 //! or over the replication engine.
 
 use std::future::Future;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 /// What an export can do; the server turns this into transmission flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +65,18 @@ pub enum TargetError {
     Unavailable(String),
 }
 
+/// Memory a target lends for one WRITE payload (see
+/// [`BlockTarget::payload_buf`]): the server fills every byte of it from the
+/// socket, then passes [`PayloadBuf::freeze`] to [`BlockTarget::write`]. It
+/// lets the target choose where payloads land (aligned for O_DIRECT, from a
+/// pool) so that it need not copy them.
+pub trait PayloadBuf: Send + 'static {
+    /// The bytes to fill, exactly as many as the payload has.
+    fn as_mut_slice(&mut self) -> &mut [u8];
+    /// The filled payload.
+    fn freeze(self: Box<Self>) -> Bytes;
+}
+
 /// The storage behind an export. Offsets and lengths are already checked by
 /// the server against [`BlockTarget::size_bytes`] when these are called.
 /// Implementations must be safe to call concurrently from many connections.
@@ -77,7 +90,16 @@ pub trait BlockTarget: Send + Sync + 'static {
         &self,
         offset: u64,
         len_bytes: u32,
-    ) -> impl Future<Output = Result<BytesMut, TargetError>> + Send;
+    ) -> impl Future<Output = Result<Bytes, TargetError>> + Send;
+    /// A buffer of exactly `len_bytes` (at most
+    /// [`crate::proto::MAX_PAYLOAD_BYTES`]) for the payload of a WRITE,
+    /// asked for as soon as its header arrives, before the request is
+    /// validated; a buffer of another length is not used. `None` (the
+    /// default): the server keeps the payload in its receive buffer.
+    fn payload_buf(&self, len_bytes: usize) -> Option<Box<dyn PayloadBuf>> {
+        let _ = len_bytes;
+        None
+    }
     /// Writes `data` at `offset`; with `fua` it is durable when this returns.
     fn write(
         &self,

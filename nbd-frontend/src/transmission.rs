@@ -5,6 +5,8 @@
 //! decoder bounds every WRITE payload: up to [`MAX_PAYLOAD_BYTES`] it is
 //! buffered and returned, up to [`MAX_DRAINED_PAYLOAD_BYTES`] it is discarded
 //! as it arrives (so the stream stays in sync), beyond that decoding fails.
+//! [`RequestDecoder::decode_head`] instead stops after a WRITE's header so
+//! the caller can receive the payload into memory of its choice.
 //! This module does no I/O and does not validate commands against an export
 //! (that is [`crate::command`]).
 
@@ -88,6 +90,18 @@ pub enum Incoming {
     OversizedWrite { header: RequestHeader },
 }
 
+/// What [`RequestDecoder::decode_head`] yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Head {
+    /// A whole request, as [`RequestDecoder::decode`] yields it.
+    Whole(Incoming),
+    /// The header of a WRITE whose `length` payload bytes (at most
+    /// [`MAX_PAYLOAD_BYTES`]) follow it. The header has been consumed, the
+    /// payload has not: the caller takes exactly `length` bytes (first from
+    /// the buffer, then from the stream) before decoding again.
+    WritePayloadFollows(RequestHeader),
+}
+
 /// Stateful request decoder: remembers an oversized WRITE while its payload
 /// is being discarded.
 #[derive(Debug, Default)]
@@ -98,6 +112,19 @@ pub struct RequestDecoder {
 impl RequestDecoder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Like [`decode`](Self::decode), but a WRITE whose payload would be
+    /// buffered is returned as soon as its header is in, without its payload.
+    pub fn decode_head(&mut self, buf: &mut BytesMut) -> Result<Option<Head>, TransmissionError> {
+        if self.draining.is_none() && buf.len() >= REQUEST_HEADER_BYTES {
+            let header = RequestHeader::peek(buf)?;
+            if header.has_payload() && header.length <= MAX_PAYLOAD_BYTES {
+                buf.advance(REQUEST_HEADER_BYTES);
+                return Ok(Some(Head::WritePayloadFollows(header)));
+            }
+        }
+        Ok(self.decode(buf)?.map(Head::Whole))
     }
 
     /// Decodes the next request from `buf`, consuming exactly its bytes.
@@ -403,6 +430,51 @@ mod tests {
             })
         );
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn decode_head_stops_after_a_write_header_and_otherwise_decodes_alike() {
+        // Proves decode_head consumes only the header of a buffered-size
+        // WRITE (payload left for the caller), and yields every other
+        // request (incl. an oversized WRITE, drained) exactly as decode does.
+        let mut stream = BytesMut::new();
+        encode_request(&write_header(5), b"hello", &mut stream);
+        let flush = RequestHeader {
+            flags: 0,
+            command: CMD_FLUSH,
+            cookie: 9,
+            offset: 0,
+            length: 0,
+        };
+        flush.encode(&mut stream);
+        let big = MAX_PAYLOAD_BYTES as usize + 1;
+        encode_request(&write_header(big as u32), &vec![0xaa; big], &mut stream);
+        flush.encode(&mut stream);
+        let mut dec = RequestDecoder::new();
+        let mut partial = BytesMut::from(&stream[..REQUEST_HEADER_BYTES - 1]);
+        assert_eq!(dec.decode_head(&mut partial), Ok(None));
+        assert_eq!(partial.len(), REQUEST_HEADER_BYTES - 1, "nothing consumed");
+        let mut buf = stream.clone();
+        assert_eq!(
+            dec.decode_head(&mut buf),
+            Ok(Some(Head::WritePayloadFollows(write_header(5))))
+        );
+        assert_eq!(&buf[..5], b"hello", "payload left in the buffer");
+        buf.advance(5);
+        let whole = |i| Ok(Some(Head::Whole(i)));
+        let flush_req = Incoming::Request {
+            header: flush,
+            payload: Bytes::new(),
+        };
+        assert_eq!(dec.decode_head(&mut buf), whole(flush_req.clone()));
+        assert_eq!(
+            dec.decode_head(&mut buf),
+            whole(Incoming::OversizedWrite {
+                header: write_header(big as u32)
+            })
+        );
+        assert_eq!(dec.decode_head(&mut buf), whole(flush_req));
+        assert!(buf.is_empty());
     }
 
     #[test]

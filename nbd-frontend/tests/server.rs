@@ -530,3 +530,154 @@ async fn shutdown_during_negotiation_closes_the_session_and_returns() {
     assert!(c.closed().await);
     within("serve returns", server).await.unwrap().unwrap();
 }
+
+/// A [`MemTarget`] that lends WRITE payload buffers (of the asked length, or
+/// one byte short when `wrong_len`) and counts them.
+struct LendingTarget {
+    inner: MemTarget,
+    wrong_len: bool,
+    lent: std::sync::atomic::AtomicUsize,
+}
+
+struct VecPayload(Vec<u8>);
+
+impl nbd_frontend::PayloadBuf for VecPayload {
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+    fn freeze(self: Box<Self>) -> bytes::Bytes {
+        bytes::Bytes::from(self.0)
+    }
+}
+
+impl BlockTarget for LendingTarget {
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn flags(&self) -> nbd_frontend::TargetFlags {
+        self.inner.flags()
+    }
+    fn payload_buf(&self, len_bytes: usize) -> Option<Box<dyn nbd_frontend::PayloadBuf>> {
+        self.lent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Garbage, so a byte the server failed to fill would show.
+        let len = if self.wrong_len {
+            len_bytes.saturating_sub(1)
+        } else {
+            len_bytes
+        };
+        Some(Box::new(VecPayload(vec![0xee; len])))
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<bytes::Bytes, nbd_frontend::TargetError> {
+        self.inner.read(offset, len).await
+    }
+    async fn write(
+        &self,
+        offset: u64,
+        data: bytes::Bytes,
+        fua: bool,
+    ) -> Result<(), nbd_frontend::TargetError> {
+        self.inner.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> Result<(), nbd_frontend::TargetError> {
+        self.inner.flush().await
+    }
+    async fn trim(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), nbd_frontend::TargetError> {
+        self.inner.trim(offset, len, fua).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fast: bool,
+        fua: bool,
+    ) -> Result<(), nbd_frontend::TargetError> {
+        self.inner
+            .write_zeroes(offset, len, may_punch, fast, fua)
+            .await
+    }
+    async fn cache(&self, offset: u64, len: u64) -> Result<(), nbd_frontend::TargetError> {
+        self.inner.cache(offset, len).await
+    }
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<nbd_frontend::Extent>, nbd_frontend::TargetError> {
+        self.inner.block_status(offset, len).await
+    }
+}
+
+#[tokio::test]
+async fn writes_received_into_lent_buffers_land_whole_even_split_across_reads() {
+    // Proves pipelined WRITEs of every size (inside one socket read, and
+    // longer than a read chunk) are received into the target's buffers
+    // fully filled, and that a buffer of the wrong length is not used.
+    for wrong_len in [false, true] {
+        let target = Arc::new(LendingTarget {
+            inner: MemTarget::new(4 * SIZE),
+            wrong_len,
+            lent: Default::default(),
+        });
+        let srv = TestServer::start(target.clone()).await;
+        let mut c = Client::connect(&srv.path, plain()).await;
+        let sizes = [1usize, 4096, 300_000, 1 << 20, 7, 65_536];
+        let mut offset = 0u64;
+        let mut expect = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            let data: Vec<u8> = (0..len).map(|j| (j % 253) as u8 ^ i as u8).collect();
+            c.send(CMD_WRITE, 0, i as u64, offset, len as u32, &data)
+                .await;
+            c.send(CMD_FLUSH, 0, 100 + i as u64, 0, 0, &[]).await;
+            expect.push((offset, data));
+            offset += len as u64 + 3;
+        }
+        for _ in 0..2 * sizes.len() {
+            assert_eq!(c.reply().await.error, 0);
+        }
+        for (off, data) in &expect {
+            assert_eq!(&target.inner.read_now(*off, data.len()), data, "at {off}");
+        }
+        assert_eq!(
+            target.lent.load(std::sync::atomic::Ordering::SeqCst),
+            sizes.len(),
+            "one buffer asked for per WRITE"
+        );
+    }
+}
+
+#[tokio::test]
+async fn truncated_write_into_a_lent_buffer_applies_nothing() {
+    // Proves a client vanishing mid-payload writes nothing when the payload
+    // was going into a lent buffer.
+    let target = Arc::new(LendingTarget {
+        inner: MemTarget::new(SIZE),
+        wrong_len: false,
+        lent: Default::default(),
+    });
+    let srv = TestServer::start(target.clone()).await;
+    let mut c = Client::connect(&srv.path, plain()).await;
+    let mut out = BytesMut::new();
+    out.put_u32(REQUEST_MAGIC);
+    out.put_u16(0);
+    out.put_u16(CMD_WRITE);
+    out.put_u64(1);
+    out.put_u64(0);
+    out.put_u32(8192);
+    out.put_slice(&[0xffu8; 4096]);
+    c.stream.write_all(&out).await.unwrap();
+    drop(c);
+    let mut other = Client::connect(&srv.path, plain()).await;
+    let r = other.call(CMD_READ, 0, 0, 8192, &[]).await;
+    assert_eq!(r.data, vec![0u8; 8192]);
+    wait_until("the truncated write was received", || {
+        target.lent.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(target.inner.write_count(), 0);
+}

@@ -3,14 +3,19 @@
 //!
 //! Owns the mapping from NBD semantics to disk operations: FUA is write then
 //! fdatasync, FLUSH is fdatasync, fast zero is refused unless the disk can
-//! zero without writing. It must not do I/O itself (the engine does) and
+//! zero without writing. WRITE payloads are received into buffers of the
+//! shared [`BufPool`] (aligned, so an O_DIRECT write needs no copy). It
+//! must not do I/O itself (the engine does) and
 //! knows nothing about replication: the replicated path will put the
 //! replication engine between the NBD server and the disk instead.
 #![forbid(unsafe_code)]
 
-use bytes::{Bytes, BytesMut};
-use nbd_frontend::{BlockTarget, Extent, TargetError, TargetFlags};
+use std::sync::Arc;
 
+use bytes::Bytes;
+use nbd_frontend::{BlockTarget, Extent, PayloadBuf, TargetError, TargetFlags};
+
+use crate::disk::aligned::{BufPool, PoolBuf};
 use crate::disk::{DiskEngine, DiskError};
 
 /// Serves a [`DiskEngine`] as an NBD export.
@@ -18,11 +23,16 @@ use crate::disk::{DiskEngine, DiskError};
 pub struct LocalTarget<E> {
     disk: E,
     read_only: bool,
+    pool: Arc<BufPool>,
 }
 
 impl<E: DiskEngine> LocalTarget<E> {
     pub fn new(disk: E, read_only: bool) -> LocalTarget<E> {
-        LocalTarget { disk, read_only }
+        LocalTarget {
+            disk,
+            read_only,
+            pool: BufPool::shared(),
+        }
     }
 
     /// The disk underneath (for the final flush at shutdown).
@@ -37,6 +47,22 @@ impl<E: DiskEngine> LocalTarget<E> {
             Ok(())
         }
     }
+}
+
+/// A pooled buffer lent to the NBD server for a WRITE payload.
+impl PayloadBuf for PoolBuf {
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        PoolBuf::as_mut_slice(self)
+    }
+
+    fn freeze(self: Box<Self>) -> Bytes {
+        PoolBuf::freeze(*self)
+    }
+}
+
+/// A buffer of `pool` for a WRITE payload of `len_bytes`.
+pub fn pooled_payload(pool: &Arc<BufPool>, len_bytes: usize) -> Option<Box<dyn PayloadBuf>> {
+    Some(Box::new(pool.take(len_bytes)))
 }
 
 /// Maps a disk error to the server's error type (the server picks the errno).
@@ -115,11 +141,15 @@ impl<E: DiskEngine> BlockTarget for LocalTarget<E> {
         }
     }
 
-    async fn read(&self, offset: u64, len_bytes: u32) -> Result<BytesMut, TargetError> {
+    async fn read(&self, offset: u64, len_bytes: u32) -> Result<Bytes, TargetError> {
         self.disk
             .read(offset, len_bytes as usize)
             .await
             .map_err(target_err)
+    }
+
+    fn payload_buf(&self, len_bytes: usize) -> Option<Box<dyn PayloadBuf>> {
+        pooled_payload(&self.pool, len_bytes)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), TargetError> {

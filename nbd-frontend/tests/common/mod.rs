@@ -380,7 +380,7 @@ impl BlockTarget for GatedTarget {
     fn flags(&self) -> TargetFlags {
         self.inner.flags()
     }
-    async fn read(&self, offset: u64, len_bytes: u32) -> Result<BytesMut, TargetError> {
+    async fn read(&self, offset: u64, len_bytes: u32) -> Result<Bytes, TargetError> {
         self.started.fetch_add(1, Ordering::SeqCst);
         if self.gated_read_offset.is_none_or(|o| o == offset) {
             self.wait_gate().await;

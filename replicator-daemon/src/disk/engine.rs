@@ -12,6 +12,11 @@
 //! other and neither's bytes are lost to the other's read-modify-write.
 //! Without `direct` no locks are taken: pwrite of distinct bytes never
 //! interferes.
+//!
+//! Buffers come from a [`BufPool`] (the process-wide one unless a test
+//! gives its own): reads fill a pooled buffer and return it as `Bytes`
+//! that go back to the pool when dropped; a write whose data is not
+//! aligned, and each read-modify-write, is staged in a pooled buffer.
 #![forbid(unsafe_code)]
 
 use std::io;
@@ -20,7 +25,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::aligned::{aligned_cover, is_aligned_ptr, AlignedBuf, ALIGN_BYTES};
+use super::aligned::{aligned_cover, is_aligned_ptr, AlignedBuf, BufPool, PoolBuf, ALIGN_BYTES};
 use super::file::{BackingFile, DiskExtent, DiskKind, FallocateOutcome};
 use super::io::BlockIo;
 use super::lock::RangeLocks;
@@ -32,6 +37,7 @@ pub struct Engine<I> {
     io: I,
     file: Arc<BackingFile>,
     locks: RangeLocks,
+    pool: Arc<BufPool>,
     punch_supported: AtomicBool,
     zero_range_supported: AtomicBool,
 }
@@ -45,12 +51,19 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl<I: BlockIo> Engine<I> {
-    /// An engine over `io`, which must do I/O on `file`.
+    /// An engine over `io`, which must do I/O on `file`, with buffers from
+    /// the process-wide pool.
     pub fn new(io: I, file: Arc<BackingFile>) -> Engine<I> {
+        Engine::with_pool(io, file, BufPool::shared())
+    }
+
+    /// An engine over `io` taking its buffers from `pool`.
+    pub fn with_pool(io: I, file: Arc<BackingFile>, pool: Arc<BufPool>) -> Engine<I> {
         Engine {
             io,
             file,
             locks: RangeLocks::default(),
+            pool,
             punch_supported: AtomicBool::new(true),
             zero_range_supported: AtomicBool::new(true),
         }
@@ -114,6 +127,12 @@ impl<I: BlockIo> Engine<I> {
         }
     }
 
+    /// Fills `buf` from `offset`, erroring on a short read.
+    async fn read_pooled(&self, offset: u64, buf: PoolBuf) -> Result<PoolBuf, DiskError> {
+        let (buf, loan) = buf.lend();
+        Ok(loan.restore(self.read_exact(offset, buf).await?))
+    }
+
     /// Reads `[offset, offset + len)` fully, erroring on a short read.
     async fn read_exact(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, DiskError> {
         let len = buf.len() as u64;
@@ -147,7 +166,9 @@ impl<I: BlockIo> Engine<I> {
             let data = if is_aligned_ptr(data.as_ptr()) {
                 data
             } else {
-                AlignedBuf::copy_from(&data).freeze()
+                let mut staged = self.pool.take(data.len());
+                staged.as_mut_slice().copy_from_slice(&data);
+                staged.freeze()
             };
             return self
                 .io
@@ -155,28 +176,22 @@ impl<I: BlockIo> Engine<I> {
                 .await
                 .map_err(Self::io_err("write", offset, len));
         }
-        // Read-modify-write of the partial first and last blocks.
-        let mut cover = AlignedBuf::zeroed((end - start) as usize);
+        // Read-modify-write of the partial first and last blocks. The
+        // pooled cover holds stale bytes: every byte of it is overwritten
+        // below, by the head block, the tail block or `data` (a partial
+        // head or tail block is read whole; a whole one is all `data`).
+        let block = ALIGN_BYTES as usize;
+        let mut cover = self.pool.take((end - start) as usize);
         let head_partial = offset != start;
         let tail_partial = offset + len != end;
         if head_partial {
-            let block = self
-                .read_exact(
-                    start,
-                    AlignedBuf::zeroed(ALIGN_BYTES as usize).into_bytes_mut(),
-                )
-                .await?;
-            cover.as_mut_slice()[..ALIGN_BYTES as usize].copy_from_slice(&block);
+            let head = self.read_pooled(start, self.pool.take(block)).await?;
+            cover.as_mut_slice()[..block].copy_from_slice(head.as_slice());
         }
         let last_block = end - ALIGN_BYTES;
         if tail_partial && !(head_partial && last_block == start) {
-            let block = self
-                .read_exact(
-                    last_block,
-                    AlignedBuf::zeroed(ALIGN_BYTES as usize).into_bytes_mut(),
-                )
-                .await?;
-            cover.as_mut_slice()[(last_block - start) as usize..].copy_from_slice(&block);
+            let tail = self.read_pooled(last_block, self.pool.take(block)).await?;
+            cover.as_mut_slice()[(last_block - start) as usize..].copy_from_slice(tail.as_slice());
         }
         let at = (offset - start) as usize;
         cover.as_mut_slice()[at..at + data.len()].copy_from_slice(&data);
@@ -260,27 +275,23 @@ impl<I: BlockIo> DiskEngine for Engine<I> {
         punch || zero_range
     }
 
-    async fn read(&self, offset: u64, len_bytes: usize) -> Result<BytesMut, DiskError> {
+    async fn read(&self, offset: u64, len_bytes: usize) -> Result<Bytes, DiskError> {
         self.check_io_len("read", len_bytes as u64)?;
         self.check("read", offset, len_bytes as u64)?;
         if len_bytes == 0 {
-            return Ok(BytesMut::new());
+            return Ok(Bytes::new());
         }
+        // The pooled buffer is not zeroed: read_pooled fills all of it or fails.
         if !self.direct() {
-            return self.read_exact(offset, BytesMut::zeroed(len_bytes)).await;
+            let buf = self.pool.take(len_bytes);
+            return Ok(self.read_pooled(offset, buf).await?.freeze());
         }
         let (start, end) = aligned_cover(offset, len_bytes as u64);
-        let mut cover = self
-            .read_exact(
-                start,
-                AlignedBuf::zeroed((end - start) as usize).into_bytes_mut(),
-            )
-            .await?;
-        // Slicing a BytesMut moves its start; no copy.
+        let cover = self.pool.take((end - start) as usize);
+        let cover = self.read_pooled(start, cover).await?.freeze();
+        // Slicing Bytes moves its start; no copy.
         let head = (offset - start) as usize;
-        let _ = cover.split_to(head);
-        cover.truncate(len_bytes);
-        Ok(cover)
+        Ok(cover.slice(head..head + len_bytes))
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), DiskError> {

@@ -7,7 +7,8 @@
 //! replication engine sit on top of a `DiskEngine`.
 //!
 //! Module map:
-//! - [`aligned`]: O_DIRECT alignment and the [`aligned::AlignedBuf`] type.
+//! - [`aligned`]: O_DIRECT alignment, [`aligned::AlignedBuf`] and the
+//!   [`aligned::BufPool`] of reusable aligned buffers.
 //! - [`file`]: opening the disk, its size, fallocate and SEEK_DATA/HOLE.
 //! - [`io`]: the [`io::BlockIo`] layer and its sync (pread/pwrite) version.
 //! - [`uring`]: the io_uring version of that layer (the crate's only `unsafe`).
@@ -32,7 +33,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 pub use engine::Engine;
 pub use file::{BackingFile, DiskExtent, DiskKind, OpenMode};
@@ -92,12 +93,13 @@ pub trait DiskEngine: Send + Sync + 'static {
     fn is_block_device(&self) -> bool;
     /// Whether `write_zeroes` could currently be done without writing data.
     fn zero_can_be_fast(&self, may_punch: bool) -> bool;
-    /// Reads exactly `len_bytes` at `offset`.
+    /// Reads exactly `len_bytes` at `offset`. The `Bytes` may hold a pooled
+    /// buffer that goes back to its pool when they are dropped.
     fn read(
         &self,
         offset: u64,
         len_bytes: usize,
-    ) -> impl Future<Output = Result<BytesMut, DiskError>> + Send;
+    ) -> impl Future<Output = Result<Bytes, DiskError>> + Send;
     /// Writes all of `data` at `offset` (not durable until `flush`).
     fn write(&self, offset: u64, data: Bytes)
         -> impl Future<Output = Result<(), DiskError>> + Send;

@@ -23,6 +23,8 @@ struct Fixture {
     _dir: tempfile::TempDir,
     path: PathBuf,
     engine: Arc<AnyEngine>,
+    /// The engine's own buffer pool (not the process-wide one).
+    pool: Arc<aligned::BufPool>,
     /// What the disk should hold.
     model: Vec<u8>,
 }
@@ -65,10 +67,12 @@ fn setup(kind: Kind, direct: bool) -> Option<Fixture> {
             "io_uring setup failed: this kernel or sandbox disallows io_uring (check /proc/sys/kernel/io_uring_disabled)",
         )),
     };
+    let pool = aligned::BufPool::new(aligned::POOL_IDLE_CAP_BYTES);
     Some(Fixture {
         _dir: dir,
         path,
-        engine: Arc::new(Engine::new(backend, file)),
+        engine: Arc::new(Engine::with_pool(backend, file, pool.clone())),
+        pool,
         model: vec![0; TEST_DISK_BYTES as usize],
     })
 }
@@ -296,6 +300,56 @@ impl Fixture {
         assert!(matches!(r, Err(DiskError::Io { .. })), "{r:?}");
     }
 
+    /// Fills the pool with buffers of every class up to 4 MiB holding 0xee.
+    fn spoil_pool(&self) {
+        for class in 0..=10 {
+            let bufs: Vec<_> = (0..3)
+                .map(|_| {
+                    let mut b = self.pool.take(4096 << class);
+                    b.as_mut_slice().fill(0xee);
+                    b
+                })
+                .collect();
+            drop(bufs);
+        }
+    }
+
+    async fn stale_pool_contents_never_reach_the_disk_or_a_read(mut self) {
+        // Pooled buffers are reused without zeroing; this proves reads and
+        // (read-modify-)writes overwrite every byte they use, whatever the
+        // buffers held before.
+        self.spoil_pool();
+        assert!(self.pool.idle_bytes() > 0);
+        let cases: [(u64, usize); 7] = [
+            (1, 10),
+            (4095, 2),
+            (5000, 9000),
+            (8192 + 100, 4096),
+            (65_536, 65_536),
+            (1_000_003, 70_000),
+            (TEST_DISK_BYTES - 4097, 4097),
+        ];
+        for (i, &(off, len)) in cases.iter().enumerate() {
+            self.spoil_pool();
+            self.write(off, pattern(i as u64 + 100, len)).await;
+            self.spoil_pool();
+            let back = self.engine.read(off, len).await.unwrap();
+            assert_eq!(&back[..], &self.model[off as usize..off as usize + len]);
+        }
+        // Never-written ranges read as zeroes, not as stale pool bytes.
+        for &(off, len) in &[
+            (2_000_000u64, 300_000usize),
+            (3_000_001, 5),
+            (4096 * 8, 4096),
+        ] {
+            self.spoil_pool();
+            let back = self.engine.read(off, len).await.unwrap();
+            assert!(back.iter().all(|&b| b == 0), "stale bytes in {off}+{len}");
+        }
+        self.spoil_pool();
+        self.assert_matches_model().await;
+    }
+
     async fn direct_flag_reaches_the_file(self) {
         use std::os::fd::AsRawFd;
         let fd = self.engine.file().file.as_raw_fd();
@@ -343,6 +397,7 @@ macro_rules! all_suites {
             out_of_range_requests_are_refused,
             read_of_truncated_disk_errors,
             direct_flag_reaches_the_file,
+            stale_pool_contents_never_reach_the_disk_or_a_read,
         ]);
     )*};
 }

@@ -962,9 +962,7 @@ fn errno(e: &DiskError) -> i32 {
 
 async fn run_disk_op(data: &AnyEngine, meta: &AnyEngine, kind: DiskOp) -> Result<Bytes, DiskError> {
     match kind {
-        DiskOp::Read { offset, len_bytes } => {
-            Ok(data.read(offset, len_bytes as usize).await?.freeze())
-        }
+        DiskOp::Read { offset, len_bytes } => data.read(offset, len_bytes as usize).await,
         DiskOp::Write {
             offset,
             data: d,

@@ -10,8 +10,8 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use nbd_frontend::{BlockTarget, Extent, TargetError, TargetFlags};
+use bytes::Bytes;
+use nbd_frontend::{BlockTarget, Extent, PayloadBuf, TargetError, TargetFlags};
 use replicator_core::engine::{ClientError, ClientRequest, MAX_CLIENT_REQUESTS};
 use replicator_core::wire::MAX_WRITE_PAYLOAD_BYTES;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -34,6 +34,8 @@ pub struct ReplicatedTarget {
     caller: Caller,
     size_bytes: u64,
     read_only: bool,
+    /// Where WRITE payloads are received (the process-wide pool).
+    pool: Arc<crate::disk::aligned::BufPool>,
 }
 
 /// The way into the loop, cheap to clone into per-chunk tasks.
@@ -54,6 +56,7 @@ impl ReplicatedTarget {
             },
             size_bytes,
             read_only,
+            pool: crate::disk::aligned::BufPool::shared(),
         }
     }
 
@@ -192,16 +195,20 @@ impl BlockTarget for ReplicatedTarget {
         }
     }
 
-    async fn read(&self, offset: u64, len_bytes: u32) -> Result<BytesMut, TargetError> {
-        let data = self
-            .call(
-                "read",
-                offset,
-                u64::from(len_bytes),
-                ClientRequest::Read { offset, len_bytes },
-            )
-            .await?;
-        Ok(BytesMut::from(&data[..]))
+    async fn read(&self, offset: u64, len_bytes: u32) -> Result<Bytes, TargetError> {
+        self.call(
+            "read",
+            offset,
+            u64::from(len_bytes),
+            ClientRequest::Read { offset, len_bytes },
+        )
+        .await
+    }
+
+    /// Payloads land in pooled aligned buffers: the local O_DIRECT write
+    /// of each (4 KiB-aligned) chunk then needs no copy.
+    fn payload_buf(&self, len_bytes: usize) -> Option<Box<dyn PayloadBuf>> {
+        crate::target::pooled_payload(&self.pool, len_bytes)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), TargetError> {
