@@ -462,8 +462,11 @@ async fn read_loop(
     }
 }
 
-/// Data of at least this many bytes is received at an aligned address.
-pub const ALIGNED_DATA_MIN_BYTES: usize = 4096;
+/// Data of at least this many bytes, in a frame not yet whole when its
+/// header is read, is received at an aligned address. Smaller data costs
+/// less to copy than the extra read that placing it takes (measured: with
+/// 4 KiB, replicated 4 KiB writes at depth 32 lost a fifth of their IOPS).
+pub const ALIGNED_DATA_MIN_BYTES: usize = 64 * 1024;
 /// The alignment of received data (O_DIRECT's, see disk::aligned).
 const DATA_ALIGN_BYTES: usize = 4096;
 
@@ -516,10 +519,11 @@ enum Segment {
     Data(Bytes),
 }
 
-/// Data shorter than this is copied into the batch buffer (fewer iovecs).
-const COPY_DATA_BELOW_BYTES: usize = 2048;
+/// Data shorter than this is copied into the batch buffer: fewer iovecs,
+/// and a small copy costs less than a segment.
+const COPY_DATA_BELOW_BYTES: usize = 16 * 1024;
 /// iovecs per writev (well under IOV_MAX).
-const MAX_IOVECS: usize = 64;
+const MAX_IOVECS: usize = 128;
 
 /// Writes queued frames, application lane first, until the lanes are closed
 /// and drained (returns the close reason) or the socket fails.
