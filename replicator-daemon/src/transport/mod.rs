@@ -411,30 +411,44 @@ async fn read_loop(
     let mut decoder = wire::FrameDecoder::new();
     loop {
         loop {
-            // A data frame not yet whole is read into a buffer of its own,
-            // its data at an O_DIRECT-aligned address (no copy before the
-            // disk write). Its start is in `buf`, and nothing after it.
             let mut own = match wire::peek_frame(&buf) {
-                Some(shape) if buf.len() < shape.frame_bytes => {
-                    match shape
+                Some(shape) => {
+                    let big_data_at = shape
                         .data_at
-                        .filter(|&at| shape.frame_bytes - at >= ALIGNED_DATA_MIN_BYTES)
-                    {
-                        Some(at) => {
-                            let mut frame = frame_buffer(shape.frame_bytes, at);
-                            frame.extend_from_slice(&buf);
-                            buf.clear();
-                            if let Err(why) =
-                                read_rest(&mut r, &mut frame, shape.frame_bytes, timeout).await
-                            {
-                                return why;
-                            }
-                            Some(frame)
+                        .filter(|&at| shape.frame_bytes - at >= ALIGNED_DATA_MIN_BYTES);
+                    if buf.len() >= shape.frame_bytes {
+                        // A whole frame is copied out, so `buf` keeps its
+                        // memory for the next read: split off, every read
+                        // would need a fresh 256 KiB buffer (an mmap, page
+                        // faults and a munmap per frame with O_DIRECT's
+                        // malloc tuning). Large data lands aligned.
+                        let mut frame = match big_data_at {
+                            Some(at) => frame_buffer(shape.frame_bytes, at),
+                            None => BytesMut::with_capacity(shape.frame_bytes),
+                        };
+                        frame.extend_from_slice(&buf[..shape.frame_bytes]);
+                        buf.advance(shape.frame_bytes);
+                        Some(frame)
+                    } else if let Some(at) = big_data_at {
+                        // A large data frame not yet whole is read into a
+                        // buffer of its own, its data at an O_DIRECT-aligned
+                        // address (no copy before the disk write). Its start
+                        // is in `buf`, and nothing after it.
+                        let mut frame = frame_buffer(shape.frame_bytes, at);
+                        frame.extend_from_slice(&buf);
+                        buf.clear();
+                        if let Err(why) =
+                            read_rest(&mut r, &mut frame, shape.frame_bytes, timeout).await
+                        {
+                            return why;
                         }
-                        None => None,
+                        Some(frame)
+                    } else {
+                        None
                     }
                 }
-                _ => None,
+                // An incomplete header, or one the decoder refuses (it says why).
+                None => None,
             };
             let src = own.as_mut().unwrap_or(&mut buf);
             match decoder.decode(src) {
