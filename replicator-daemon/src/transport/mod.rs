@@ -25,7 +25,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::disk::aligned::BufPool;
 use replicator_core::wire::{self, Message, WireError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -405,53 +407,52 @@ async fn read_loop(
     events: &mpsc::Sender<LinkEvent>,
     timeout: Duration,
 ) -> String {
+    let pool = BufPool::shared();
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     // Frames are numbered per connection: a lost, repeated or reordered
     // frame is a decode error (the link drops and resyncs).
     let mut decoder = wire::FrameDecoder::new();
     loop {
         loop {
-            let mut own = match wire::peek_frame(&buf) {
-                Some(shape) => {
-                    let big_data_at = shape
-                        .data_at
-                        .filter(|&at| shape.frame_bytes - at >= ALIGNED_DATA_MIN_BYTES);
-                    if buf.len() >= shape.frame_bytes {
+            let shape = wire::peek_frame(&buf);
+            let big_data_at = shape.and_then(|sh| {
+                sh.data_at
+                    .filter(|&at| sh.frame_bytes - at >= ALIGNED_DATA_MIN_BYTES && buf.len() >= at)
+                    .map(|at| (at, sh.frame_bytes - at))
+            });
+            let decoded = if let Some((at, data_bytes)) = big_data_at {
+                // Large data goes into a pooled buffer of its own, aligned
+                // for O_DIRECT (no bounce copy before the disk write, no
+                // fresh allocation per frame), read straight from the
+                // socket once what `buf` holds of it is copied.
+                let head = buf[..at].to_vec();
+                let mut data = pool.take(data_bytes);
+                let have = (buf.len() - at).min(data_bytes);
+                data.as_mut_slice()[..have].copy_from_slice(&buf[at..at + have]);
+                buf.advance(at + have);
+                if let Err(why) =
+                    read_exact(&mut r, &mut data.as_mut_slice()[have..], timeout).await
+                {
+                    return why;
+                }
+                decoder.decode_parts(&head, data.freeze()).map(Some)
+            } else {
+                match shape {
+                    Some(sh) if buf.len() >= sh.frame_bytes => {
                         // A whole frame is copied out, so `buf` keeps its
                         // memory for the next read: split off, every read
                         // would need a fresh 256 KiB buffer (an mmap, page
                         // faults and a munmap per frame with O_DIRECT's
-                        // malloc tuning). Large data lands aligned.
-                        let mut frame = match big_data_at {
-                            Some(at) => frame_buffer(shape.frame_bytes, at),
-                            None => BytesMut::with_capacity(shape.frame_bytes),
-                        };
-                        frame.extend_from_slice(&buf[..shape.frame_bytes]);
-                        buf.advance(shape.frame_bytes);
-                        Some(frame)
-                    } else if let Some(at) = big_data_at {
-                        // A large data frame not yet whole is read into a
-                        // buffer of its own, its data at an O_DIRECT-aligned
-                        // address (no copy before the disk write). Its start
-                        // is in `buf`, and nothing after it.
-                        let mut frame = frame_buffer(shape.frame_bytes, at);
-                        frame.extend_from_slice(&buf);
-                        buf.clear();
-                        if let Err(why) =
-                            read_rest(&mut r, &mut frame, shape.frame_bytes, timeout).await
-                        {
-                            return why;
-                        }
-                        Some(frame)
-                    } else {
-                        None
+                        // malloc tuning).
+                        let mut frame = BytesMut::from(&buf[..sh.frame_bytes]);
+                        buf.advance(sh.frame_bytes);
+                        decoder.decode(&mut frame)
                     }
+                    // Incomplete, or a header the decoder refuses (it says why).
+                    _ => decoder.decode(&mut buf),
                 }
-                // An incomplete header, or one the decoder refuses (it says why).
-                None => None,
             };
-            let src = own.as_mut().unwrap_or(&mut buf);
-            match decoder.decode(src) {
+            match decoded {
                 Ok(Some(msg)) => {
                     if events
                         .send(LinkEvent::Frame { link: id, msg })
@@ -476,52 +477,46 @@ async fn read_loop(
     }
 }
 
-/// Data of at least this many bytes, in a frame not yet whole when its
-/// header is read, is received at an aligned address. Smaller data costs
-/// less to copy than the extra read that placing it takes (measured: with
-/// 4 KiB, replicated 4 KiB writes at depth 32 lost a fifth of their IOPS).
+/// Data of at least this many bytes is received into a pooled buffer of its
+/// own, aligned for O_DIRECT. Smaller data is copied out of the read buffer
+/// with its frame (a small copy costs less than the extra read).
 pub const ALIGNED_DATA_MIN_BYTES: usize = 64 * 1024;
-/// The alignment of received data (O_DIRECT's, see disk::aligned).
-const DATA_ALIGN_BYTES: usize = 4096;
-
-/// An empty buffer for a frame of `frame_bytes` whose byte `data_at` sits at
-/// a [`DATA_ALIGN_BYTES`] boundary.
-fn frame_buffer(frame_bytes: usize, data_at: usize) -> BytesMut {
-    let mut b = BytesMut::with_capacity(frame_bytes + DATA_ALIGN_BYTES);
-    let addr = b.as_ptr() as usize + data_at;
-    let pad = (DATA_ALIGN_BYTES - addr % DATA_ALIGN_BYTES) % DATA_ALIGN_BYTES;
-    b.resize(pad, 0);
-    b.advance(pad);
-    b
-}
 
 /// One read into `buf`'s spare capacity, or why the link ends.
 async fn read_some(
     r: &mut OwnedReadHalf,
-    buf: &mut impl bytes::BufMut,
+    buf: &mut BytesMut,
     timeout: Duration,
 ) -> Result<(), String> {
     match tokio::time::timeout(timeout, r.read_buf(buf)).await {
-        Err(_) => Err(format!(
-            "the peer was silent for {} ms (timeout_ms)",
-            timeout.as_millis()
-        )),
+        Err(_) => Err(silent(timeout)),
         Ok(Ok(0)) => Err("the peer closed the connection".to_string()),
         Ok(Err(e)) => Err(format!("reading from the peer failed: {e}")),
         Ok(Ok(_)) => Ok(()),
     }
 }
 
-/// Reads until `frame` holds `frame_bytes`, and not a byte more.
-async fn read_rest(
+fn silent(timeout: Duration) -> String {
+    format!(
+        "the peer was silent for {} ms (timeout_ms)",
+        timeout.as_millis()
+    )
+}
+
+/// Fills `dst` from the socket, each read within `timeout`.
+async fn read_exact(
     r: &mut OwnedReadHalf,
-    frame: &mut BytesMut,
-    frame_bytes: usize,
+    dst: &mut [u8],
     timeout: Duration,
 ) -> Result<(), String> {
-    while frame.len() < frame_bytes {
-        let rest = frame_bytes - frame.len();
-        read_some(r, &mut (&mut *frame).limit(rest), timeout).await?;
+    let mut filled = 0;
+    while filled < dst.len() {
+        match tokio::time::timeout(timeout, r.read(&mut dst[filled..])).await {
+            Err(_) => return Err(silent(timeout)),
+            Ok(Ok(0)) => return Err("the peer closed the connection".to_string()),
+            Ok(Err(e)) => return Err(format!("reading from the peer failed: {e}")),
+            Ok(Ok(n)) => filled += n,
+        }
     }
     Ok(())
 }

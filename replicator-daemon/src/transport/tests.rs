@@ -244,20 +244,6 @@ async fn frame_out_of_sequence_is_a_frame_error_and_drops_the_link() {
     }
 }
 
-#[test]
-fn frame_buffers_put_the_data_at_an_aligned_address() {
-    // Proves received data can go to an O_DIRECT disk without a copy: the
-    // byte at `data_at` sits on a 4096 boundary and the buffer holds the frame.
-    for data_at in [0, 1, 40, 48, 4095, 4096, 4097] {
-        for frame_bytes in [data_at + 4096, data_at + (1 << 20)] {
-            let b = frame_buffer(frame_bytes, data_at);
-            assert!(b.is_empty());
-            assert!(b.capacity() >= frame_bytes, "capacity for {frame_bytes}");
-            assert_eq!((b.as_ptr() as usize + data_at) % DATA_ALIGN_BYTES, 0);
-        }
-    }
-}
-
 #[tokio::test]
 async fn mixed_frames_arrive_whole_in_order_and_bulk_data_aligned() {
     // Proves the vectored writer and the aligned reader carry every frame
@@ -319,7 +305,7 @@ async fn mixed_frames_arrive_whole_in_order_and_bulk_data_aligned() {
                 if let Message::Write { data, .. } | Message::ResyncData { data, .. } = &msg {
                     if data.len() >= ALIGNED_DATA_MIN_BYTES {
                         assert_eq!(
-                            data.as_ptr() as usize % DATA_ALIGN_BYTES,
+                            data.as_ptr() as usize % crate::disk::aligned::ALIGN_BYTES as usize,
                             0,
                             "{} bytes",
                             data.len()
@@ -358,5 +344,50 @@ fn summary(m: &Message) -> Option<(u64, u64, usize)> {
         }
         | Message::ResyncData { id, offset, data } => Some((id.0, *offset, data.len())),
         _ => None,
+    }
+}
+
+#[tokio::test]
+async fn corrupt_large_data_is_a_frame_error_whether_whole_or_in_pieces() {
+    // Proves large data received apart from its head (pooled buffer) is
+    // still checked: one flipped data bit gives FrameError and Down, never
+    // a frame, both when the frame arrives in one write and in pieces.
+    use replicator_core::types::RequestId;
+    for in_pieces in [false, true] {
+        let (la, aa) = listener().await;
+        let mut a = start("bravo", "alpha", "127.0.0.1:1".into(), la, 5_000);
+        let mut s = raw_peer(&aa, "alpha").await;
+        let link = next_up(&mut a).await;
+        let mut frame = BytesMut::new();
+        let msg = Message::Write {
+            id: RequestId(7),
+            offset: 0,
+            flags: 0,
+            len_bytes: 256 * 1024,
+            data: Bytes::from(vec![0x5A; 256 * 1024]),
+        };
+        wire::encode_with_seq(&msg, 0, &mut frame).unwrap();
+        let last = frame.len() - 1;
+        frame[last] ^= 0x10;
+        if in_pieces {
+            for piece in frame.chunks(10_000) {
+                s.write_all(piece).await.unwrap();
+                s.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        } else {
+            s.write_all(&frame).await.unwrap();
+        }
+        match next_event(&mut a).await {
+            LinkEvent::FrameError { link: id, error } => {
+                assert_eq!(id, link.id);
+                assert!(
+                    matches!(error, WireError::PayloadChecksum { .. }),
+                    "{error:?}"
+                );
+            }
+            other => panic!("expected FrameError, got {other:?}"),
+        }
+        assert!(matches!(next_event(&mut a).await, LinkEvent::Down { .. }));
     }
 }
