@@ -127,6 +127,9 @@ pub struct NodeOptions {
     pub read_only: bool,
     /// `timeout_ms`: a peer link on which nothing arrived this long is lost.
     pub peer_timeout_ms: u64,
+    /// `busy_poll_us`: the most the daemon polls for events before its
+    /// thread sleeps (see `busy_poll`); 0: never.
+    pub busy_poll_us: u64,
 }
 
 impl Default for NodeOptions {
@@ -140,6 +143,7 @@ impl Default for NodeOptions {
             split_brain: SplitBrainPolicy::Disconnect,
             read_only: false,
             peer_timeout_ms: DEFAULT_PEER_TIMEOUT_MS,
+            busy_poll_us: crate::busy_poll::DEFAULT_BUSY_POLL_US,
         }
     }
 }
@@ -338,7 +342,7 @@ fn line_col(text: &str, byte: usize) -> (usize, usize) {
     (line, column)
 }
 
-const NODE_OPTION_KEYS: [&str; 8] = [
+const NODE_OPTION_KEYS: [&str; 9] = [
     "io_engine",
     "direct",
     "bitmap_block_bytes",
@@ -347,6 +351,7 @@ const NODE_OPTION_KEYS: [&str; 8] = [
     "split_brain",
     "read_only",
     "timeout_ms",
+    "busy_poll_us",
 ];
 
 struct Parser<'a> {
@@ -761,6 +766,19 @@ impl Parser<'_> {
             }
             o.peer_timeout_ms = v as u64;
         }
+        if let Some(v) = self.int(prefix, t, "busy_poll_us")? {
+            let range = crate::busy_poll::BUSY_POLL_US_RANGE;
+            if !u64::try_from(v).is_ok_and(|v| range.contains(&v)) {
+                return Err(self.err(
+                    join(prefix, "busy_poll_us"),
+                    Problem::OutOfRange {
+                        value: v,
+                        range: format!("{}..={} microseconds", range.start(), range.end()),
+                    },
+                ));
+            }
+            o.busy_poll_us = v as u64;
+        }
         Ok(o)
     }
 }
@@ -1121,6 +1139,25 @@ direct      = true
         assert_eq!(c.nodes["alpha"].options.peer_timeout_ms, 2500);
         for bad in ["100", "60000", "-1", "\"5s\""] {
             expect_key_error(&format!("timeout_ms = {bad}\n{ONE_NODE}"), "timeout_ms");
+        }
+    }
+
+    #[test]
+    fn busy_poll_us_defaults_overrides_per_node_and_is_bounded() {
+        // Proves the busy-poll key: a default, 0 to turn it off, a per-node
+        // override, and out-of-range or mistyped values refused naming the key.
+        let c = parse_str(ONE_NODE).unwrap();
+        assert_eq!(
+            c.nodes["alpha"].options.busy_poll_us,
+            crate::busy_poll::DEFAULT_BUSY_POLL_US
+        );
+        let c = parse_str(&format!("busy_poll_us = 0\n{ONE_NODE}")).unwrap();
+        assert_eq!(c.nodes["alpha"].options.busy_poll_us, 0);
+        let text = ONE_NODE.replace("[nodes.alpha]", "[nodes.alpha]\nbusy_poll_us = 50");
+        let c = parse_str(&format!("busy_poll_us = 0\n{text}")).unwrap();
+        assert_eq!(c.nodes["alpha"].options.busy_poll_us, 50);
+        for bad in ["1001", "-1", "\"200us\"", "true"] {
+            expect_key_error(&format!("busy_poll_us = {bad}\n{ONE_NODE}"), "busy_poll_us");
         }
     }
 

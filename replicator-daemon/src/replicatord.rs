@@ -20,6 +20,7 @@ use nbd_frontend::activation::{listeners_from_env, ActivationError};
 use nbd_frontend::{ExportConfig, Listener};
 use tracing::{info, warn};
 
+use crate::busy_poll::BusyPoll;
 use crate::config::{self, Config, ConfigError, NbdAddress, NodeConfig};
 use crate::disk::{open_engine, DiskEngine, DiskError, EngineOptions};
 use crate::target::LocalTarget;
@@ -78,13 +79,16 @@ pub enum NodeError {
 pub fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
-    // One thread runs the NBD connections, the event loop and the peer link;
-    // disk I/O runs on the io_uring thread (or the blocking pool). Handing
-    // each request between tokio workers cost more than it gained: 4 KiB
-    // depth-1 writes took 172 µs with the multi-thread runtime and 106-120
-    // µs with this one (qemu-nbd 140 µs), with depth-32 IOPS unchanged.
+    // One thread runs the NBD connections, the event loop, the peer link
+    // and submits and reaps the io_uring disk I/O. Handing each request
+    // between tokio workers cost more than it gained: 4 KiB depth-1 writes
+    // took 172 µs with the multi-thread runtime and 106-120 µs with this one
+    // (qemu-nbd 140 µs), with depth-32 IOPS unchanged. Before it sleeps, the
+    // thread polls for a while (busy_poll: waking a halted CPU is slow).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_park(|| BusyPoll::global().before_park())
+        .on_thread_unpark(|| BusyPoll::global().after_unpark())
         .thread_name("replicatord")
         .build()
     {
@@ -94,6 +98,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    BusyPoll::global().attach_to_runtime();
     let outcome = runtime.block_on(async {
         let shutdown = match shutdown_signal() {
             Ok(s) => s,
@@ -158,6 +163,9 @@ pub async fn run_node(
 ) -> Result<(), NodeError> {
     let config = config::load(config_path)?;
     let node_config = config.node(node)?.clone();
+    BusyPoll::global().set_max(std::time::Duration::from_micros(
+        node_config.options.busy_poll_us,
+    ));
     if config.peer_of(node).is_some() {
         return crate::node::run_replicated(&config, node, shutdown)
             .await
