@@ -8,11 +8,14 @@
 //! `BytesMut`/`Bytes` without a copy.
 //!
 //! A [`BufPool`] keeps such buffers for reuse, so that the I/O path does not
-//! allocate, zero and page-fault a fresh buffer per request (from 128 KiB up
-//! glibc serves each one with mmap and returns it with munmap, see
-//! `uring::fix_malloc_mmap_threshold`). A [`PoolBuf`] goes back to its pool
-//! when dropped, also as the owner of a `Bytes` ([`PoolBuf::freeze`]), so a
-//! read's buffer returns once the NBD reply is sent. The pool keeps at most
+//! allocate, zero and page-fault a fresh buffer per request (with glibc a
+//! large one is an mmap, page faults and an munmap each time), and large
+//! buffers are not freed on many threads to pile up in per-thread malloc
+//! arenas (which once grew a resync target to 536 MiB; the pool replaced a
+//! fixed mmap threshold that kept that down). A [`PoolBuf`] goes back to
+//! its pool when dropped, also as the owner of a `Bytes`
+//! ([`PoolBuf::freeze`]), so a read's buffer returns once the NBD reply is
+//! sent. The pool keeps at most
 //! [`POOL_IDLE_CAP_BYTES`] of idle buffers (DESIGN.md invariant 8); buffers
 //! in use are bounded by whoever holds them (in-flight windows). This
 //! module does no I/O.

@@ -35,30 +35,6 @@ use super::io::BlockIo;
 /// Operations in the kernel at once (slots); also sizes the ring.
 pub const MAX_IN_FLIGHT_REQUESTS: usize = 128;
 
-/// Allocations from this size up are served by mmap and given back to the
-/// kernel when freed (glibc's initial default, made fixed).
-pub const MALLOC_MMAP_THRESHOLD_BYTES: i32 = 128 * 1024;
-
-/// Keeps glibc from raising its mmap threshold after the first large free.
-/// Otherwise the aligned bounce buffers of O_DIRECT I/O (a little over
-/// 128 KiB per resync chunk), allocated and freed on many threads, pile up
-/// in per-thread arenas: a 256 MiB resync onto an O_DIRECT disk grew the
-/// target's RSS to 536 MiB, 70 MiB with the threshold fixed. Idempotent.
-pub fn fix_malloc_mmap_threshold() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: mallopt only changes allocator tuning parameters; glibc
-        // makes it safe to call from any thread at any time, and no pointer
-        // is passed.
-        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES) };
-        if ok != 1 {
-            tracing::warn!(
-                "cannot fix the malloc mmap threshold; O_DIRECT buffers may inflate memory use"
-            );
-        }
-    });
-}
-
 /// Submission ring entries: one per slot (a power of two). Every pushed
 /// entry is submitted before the lock is let go, so the queue never holds
 /// more than one slot's worth.

@@ -102,9 +102,6 @@ pub async fn attach(config: &Config, node: &NodeConfig) -> Result<Attached, Atta
     let block = u32::try_from(node.options.bitmap_block_bytes)
         .map_err(|_| AttachError::Geometry(node.options.bitmap_block_bytes))?;
     let al_extents = node.options.al_extents;
-    if opts.direct {
-        crate::disk::uring::fix_malloc_mmap_threshold();
-    }
     let data = Arc::new(open_engine(&node.disk, opts)?);
     let (meta, meta_path, layout) = match &node.meta {
         MetaLocation::Internal => {
