@@ -513,6 +513,9 @@ impl Runtime {
                     break;
                 }
             }
+            crate::busy_poll::BusyPoll::global().set_outstanding(
+                self.engine.pending_client_requests() + self.engine.pending_disk_ops(),
+            );
             if let Some(done) = self.advance_stop() {
                 let flushed = self.data.flush().await;
                 let meta_flushed = if Arc::ptr_eq(&self.data, &self.meta) {
