@@ -77,6 +77,18 @@ fn setup(kind: Kind, direct: bool) -> Option<Fixture> {
     })
 }
 
+/// A 1 MiB sparse file `name` in a fresh temporary directory (kept alive by
+/// the returned guard).
+fn small_disk(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    (dir, path)
+}
+
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
@@ -429,12 +441,7 @@ async fn open_engine_never_creates_a_missing_disk() {
 #[tokio::test]
 async fn open_engine_uring_uses_io_uring_when_available() {
     // Proves io_engine = "uring" gives the io_uring layer where the kernel allows it.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("d.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let (_dir, path) = small_disk("d.img");
     let opts = EngineOptions {
         io_engine: IoEngineKind::Uring,
         direct: false,
@@ -479,12 +486,7 @@ async fn direct_open_of_unaligned_size_is_refused_clearly() {
 #[tokio::test]
 async fn read_only_open_refuses_writes() {
     // Proves a read-only disk cannot be written through the engine.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ro.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let (_dir, path) = small_disk("ro.img");
     let opts = EngineOptions {
         io_engine: IoEngineKind::Sync,
         direct: false,
@@ -544,12 +546,7 @@ async fn uring_more_requests_than_slots_all_complete() {
 async fn uring_setup_failure_falls_back_to_the_sync_engine() {
     // Proves io_engine = "uring" still serves (with the sync layer) when the
     // ring cannot be set up, e.g. io_uring disabled by a sandbox.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("d.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let (_dir, path) = small_disk("d.img");
     let file = Arc::new(BackingFile::open(&path, OpenMode::default()).unwrap());
     let backend = choose_backend(&file, IoEngineKind::Uring, |_| {
         Err(std::io::Error::from_raw_os_error(libc::EPERM))
@@ -567,12 +564,7 @@ async fn uring_setup_failure_falls_back_to_the_sync_engine() {
 async fn second_writer_on_the_same_disk_is_refused() {
     // Proves a disk open for writing cannot be opened for writing (or
     // reading) by another opener, and is free again once closed.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("d.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let (_dir, path) = small_disk("d.img");
     let rw = OpenMode::default();
     let ro = OpenMode {
         read_only: true,
@@ -668,12 +660,7 @@ async fn uring_operations_queued_together_go_to_the_kernel_together() {
     // Proves submission batching: writes started by tasks that are ready at
     // the same time are handed to the kernel in far fewer io_uring_enter
     // calls than writes (one device notification per batch).
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("d.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let (_dir, path) = small_disk("d.img");
     let file = Arc::new(BackingFile::open(&path, OpenMode::default()).unwrap());
     let io = Arc::new(UringIo::new(file).expect("io_uring"));
     let before = io.submit_calls();
