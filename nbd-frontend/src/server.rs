@@ -486,32 +486,22 @@ where
             result = Ok("client sent DISC".into());
             break;
         }
-        if shutting_down {
-            let out = error_reply(&header, &params, ESHUTDOWN, "the server is shutting down");
-            if reply_tx
-                .send(Queued {
-                    out,
-                    _permits: None,
-                })
-                .is_err()
-            {
-                result = Ok("reply could not be sent".into());
-                break;
-            }
-            continue;
-        }
         let cost = cost_kib(&validated);
-        let permits = tokio::select! {
-            biased;
-            _ = signalled(&mut broken_rx) => {
-                result = Ok("reply could not be sent".into());
-                break;
+        let permits = if shutting_down {
+            None
+        } else {
+            tokio::select! {
+                biased;
+                _ = signalled(&mut broken_rx) => {
+                    result = Ok("reply could not be sent".into());
+                    break;
+                }
+                _ = signalled(&mut shutdown) => {
+                    shutting_down = true;
+                    None
+                }
+                p = acquire(&window, &budget, cost) => Some(p),
             }
-            _ = signalled(&mut shutdown) => {
-                shutting_down = true;
-                None
-            }
-            p = acquire(&window, &budget, cost) => Some(p),
         };
         let Some(permits) = permits else {
             let out = error_reply(&header, &params, ESHUTDOWN, "the server is shutting down");
