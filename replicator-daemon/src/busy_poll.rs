@@ -33,7 +33,7 @@
 #![allow(unsafe_code)]
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -57,7 +57,6 @@ pub struct BusyPoll {
     fds: OnceLock<Vec<RawFd>>,
     /// When the thread last went to park, and whether polling found work.
     park: Mutex<Option<(Instant, bool)>>,
-    enabled: AtomicBool,
     /// The most operations the node had outstanding (client requests, disk
     /// I/O) within the last [`OUTSTANDING_WINDOW`], and since when.
     outstanding: Mutex<(usize, Option<Instant>)>,
@@ -78,8 +77,7 @@ impl BusyPoll {
     /// Finds the epoll instances the runtime created; call once after it is
     /// built. Without any, polling stays off.
     pub fn attach_to_runtime(&self) {
-        let fds = self.fds.get_or_init(epoll_fds);
-        self.enabled.store(!fds.is_empty(), Ordering::Relaxed);
+        self.fds.get_or_init(epoll_fds);
     }
 
     /// Sets `busy_poll_us` (0 turns polling off).
@@ -123,7 +121,7 @@ impl BusyPoll {
         let start = Instant::now();
         let budget = Duration::from_nanos(self.budget_ns.load(Ordering::Relaxed));
         let found = match self.fds.get() {
-            Some(fds) if self.enabled.load(Ordering::Relaxed) && !budget.is_zero() => {
+            Some(fds) if !fds.is_empty() && !budget.is_zero() => {
                 poll_until_ready(fds, start, budget)
             }
             _ => false,
