@@ -1226,27 +1226,44 @@ fn decode_inner(
         src.reserve(HEADER_BYTES + payload_len - src.len());
         return Ok(None);
     }
-    let payload_crc = be_u32(src, 16);
     let computed = crc32fast::hash(&src[HEADER_BYTES..HEADER_BYTES + payload_len]);
-    if payload_crc != computed {
+    check_payload_crc(src, msg_type, computed)?;
+    let mut frame = src.split_to(HEADER_BYTES + payload_len);
+    let payload = frame.split_off(HEADER_BYTES).freeze();
+    Ok(Some((seq, parse_payload(msg_type, msg, payload, None)?)))
+}
+
+/// Compares the payload CRC stored in `header` with `computed`.
+fn check_payload_crc(header: &[u8], msg_type: u16, computed: u32) -> Result<(), WireError> {
+    let stored = be_u32(header, 16);
+    if stored != computed {
         return Err(WireError::PayloadChecksum {
             msg_type,
-            stored: payload_crc,
+            stored,
             computed,
         });
     }
-    let mut frame = src.split_to(HEADER_BYTES + payload_len);
-    let payload = frame.split_off(HEADER_BYTES).freeze();
+    Ok(())
+}
+
+/// Parses and validates a checked payload: `fixed`, then `tail` if the
+/// bulk data came apart.
+fn parse_payload(
+    msg_type: u16,
+    msg: &'static str,
+    fixed: Bytes,
+    tail: Option<Bytes>,
+) -> Result<Message, WireError> {
     let mut r = Reader {
-        buf: payload,
+        buf: fixed,
         pos: 0,
         msg,
-        tail: None,
+        tail,
     };
     let m = parse(msg_type, &mut r)?;
     r.finish()?;
     validate(&m)?;
-    Ok(Some((seq, m)))
+    Ok(m)
 }
 
 /// Check then parse a frame given as `head` (header and fixed fields) and
@@ -1280,25 +1297,9 @@ fn decode_parts_inner(
     let mut crc = crc32fast::Hasher::new();
     crc.update(&head[HEADER_BYTES..]);
     crc.update(&data);
-    let computed = crc.finalize();
-    let payload_crc = be_u32(head, 16);
-    if payload_crc != computed {
-        return Err(WireError::PayloadChecksum {
-            msg_type,
-            stored: payload_crc,
-            computed,
-        });
-    }
-    let mut r = Reader {
-        buf: Bytes::copy_from_slice(&head[HEADER_BYTES..]),
-        pos: 0,
-        msg,
-        tail: Some(data),
-    };
-    let m = parse(msg_type, &mut r)?;
-    r.finish()?;
-    validate(&m)?;
-    Ok(m)
+    check_payload_crc(head, msg_type, crc.finalize())?;
+    let fixed = Bytes::copy_from_slice(&head[HEADER_BYTES..]);
+    parse_payload(msg_type, msg, fixed, Some(data))
 }
 
 fn parse(msg_type: u16, r: &mut Reader) -> Result<Message, WireError> {
