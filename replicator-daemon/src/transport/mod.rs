@@ -487,19 +487,10 @@ async fn read_some(
     r: &mut OwnedReadHalf,
     buf: &mut BytesMut,
     timeout: Duration,
-) -> Result<(), String> {
-    match tokio::time::timeout(timeout, r.read_buf(buf)).await {
-        Err(_) => Err(silent(timeout)),
-        Ok(Ok(0)) => Err("the peer closed the connection".to_string()),
-        Ok(Err(e)) => Err(format!("reading from the peer failed: {e}")),
-        Ok(Ok(_)) => Ok(()),
-    }
-}
-
-fn silent(timeout: Duration) -> String {
-    format!(
-        "the peer was silent for {} ms (timeout_ms)",
-        timeout.as_millis()
+) -> Result<usize, String> {
+    read_outcome(
+        tokio::time::timeout(timeout, r.read_buf(buf)).await,
+        timeout,
     )
 }
 
@@ -511,14 +502,26 @@ async fn read_exact(
 ) -> Result<(), String> {
     let mut filled = 0;
     while filled < dst.len() {
-        match tokio::time::timeout(timeout, r.read(&mut dst[filled..])).await {
-            Err(_) => return Err(silent(timeout)),
-            Ok(Ok(0)) => return Err("the peer closed the connection".to_string()),
-            Ok(Err(e)) => return Err(format!("reading from the peer failed: {e}")),
-            Ok(Ok(n)) => filled += n,
-        }
+        let read = tokio::time::timeout(timeout, r.read(&mut dst[filled..])).await;
+        filled += read_outcome(read, timeout)?;
     }
     Ok(())
+}
+
+/// Bytes read, or why the link ends (silence, end of stream, error).
+fn read_outcome(
+    read: Result<std::io::Result<usize>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+) -> Result<usize, String> {
+    match read {
+        Err(_) => Err(format!(
+            "the peer was silent for {} ms (timeout_ms)",
+            timeout.as_millis()
+        )),
+        Ok(Ok(0)) => Err("the peer closed the connection".to_string()),
+        Ok(Err(e)) => Err(format!("reading from the peer failed: {e}")),
+        Ok(Ok(n)) => Ok(n),
+    }
 }
 
 /// Part of a batch of frames: bytes encoded into the batch buffer, or bulk
