@@ -10,10 +10,10 @@ use bytes::{Bytes, BytesMut};
 
 use crate::negotiate::SessionParams;
 use crate::proto::*;
-use crate::target::{BlockTarget, Extent, TargetError};
+use crate::target::{BlockTarget, Extent, ReadPiece, TargetError, MAX_READ_PIECES};
 use crate::transmission::{
-    encode_block_status, encode_error_chunk, encode_none, encode_offset_data_header, RequestHeader,
-    SimpleReply, WireExtent,
+    encode_block_status, encode_error_chunk, encode_none, encode_offset_data_header,
+    encode_offset_hole, RequestHeader, SimpleReply, WireExtent,
 };
 
 /// A request that passed validation.
@@ -22,6 +22,8 @@ pub enum Command {
     Read {
         offset: u64,
         len_bytes: u32,
+        /// DF: the reply must be one chunk (no OFFSET_HOLE fragments).
+        df: bool,
     },
     Write {
         offset: u64,
@@ -173,7 +175,11 @@ pub fn validate(
     let fua = h.flags & CMD_FLAG_FUA != 0;
     let (offset, len_bytes) = (h.offset, h.length);
     Ok(match h.command {
-        CMD_READ => Command::Read { offset, len_bytes },
+        CMD_READ => Command::Read {
+            offset,
+            len_bytes,
+            df: h.flags & CMD_FLAG_DF != 0,
+        },
         CMD_WRITE => Command::Write {
             offset,
             data: payload,
@@ -237,16 +243,35 @@ pub fn errno_for(err: &TargetError, fast_zero: bool) -> u32 {
     }
 }
 
-/// One whole reply: `head` then `data` (READ payload), written atomically.
+/// One whole reply, written atomically: `head` then `data` (READ payload),
+/// then each further (head, data) piece of `more` (the other chunks of a
+/// fragmented READ reply).
 #[derive(Debug, Default)]
 pub struct Outgoing {
     pub head: BytesMut,
     pub data: Bytes,
+    pub more: Vec<(BytesMut, Bytes)>,
 }
 
 impl Outgoing {
+    /// Every (head, data) piece, in wire order.
+    pub fn pieces(&self) -> impl Iterator<Item = (&[u8], &Bytes)> {
+        std::iter::once((&self.head[..], &self.data))
+            .chain(self.more.iter().map(|(h, d)| (&h[..], d)))
+    }
+
     pub fn len_bytes(&self) -> usize {
-        self.head.len() + self.data.len()
+        self.pieces().map(|(h, d)| h.len() + d.len()).sum()
+    }
+
+    /// The whole reply in one buffer (tests and fuzzers).
+    pub fn to_bytes(&self) -> BytesMut {
+        let mut all = BytesMut::with_capacity(self.len_bytes());
+        for (h, d) in self.pieces() {
+            all.extend_from_slice(h);
+            all.extend_from_slice(d);
+        }
+        all
     }
 }
 
@@ -283,9 +308,23 @@ pub async fn execute<T: BlockTarget>(
 ) -> Outgoing {
     let fail = |e: TargetError, fast: bool| error_reply(h, p, errno_for(&e, fast), &e.to_string());
     match cmd {
-        Command::Read { offset, len_bytes } => {
+        Command::Read {
+            offset,
+            len_bytes,
+            df,
+        } => {
             if len_bytes == 0 {
                 return read_reply(h, p, offset, Bytes::new());
+            }
+            if p.structured_replies && !df {
+                return match target.read_sparse(offset, len_bytes).await {
+                    Ok(pieces) => {
+                        sparse_read_reply(h, offset, len_bytes, pieces).unwrap_or_else(|why| {
+                            error_reply(h, p, EIO, &format!("target read: {why}"))
+                        })
+                    }
+                    Err(e) => fail(e, false),
+                };
             }
             match target.read(offset, len_bytes).await {
                 Ok(data) if data.len() == len_bytes as usize => read_reply(h, p, offset, data),
@@ -402,6 +441,57 @@ fn read_reply(h: &RequestHeader, p: &SessionParams, offset: u64, data: Bytes) ->
     }
     out.data = data;
     out
+}
+
+/// Encodes a READ reply from the target's pieces: OFFSET_DATA for data,
+/// OFFSET_HOLE for holes, DONE on the last. Pieces that do not cover
+/// exactly `len_bytes` (or an empty piece) are the target's bug, reported
+/// as `Err` so the client gets EIO rather than a wrong reply.
+fn sparse_read_reply(
+    h: &RequestHeader,
+    offset: u64,
+    len_bytes: u32,
+    pieces: Vec<ReadPiece>,
+) -> Result<Outgoing, String> {
+    let total: u64 = pieces.iter().map(ReadPiece::len_bytes).sum();
+    if total != u64::from(len_bytes) || pieces.iter().any(|p| p.len_bytes() == 0) {
+        return Err(format!(
+            "{} pieces of {total} bytes for a {len_bytes}-byte read",
+            pieces.len()
+        ));
+    }
+    if pieces.len() > MAX_READ_PIECES {
+        return Err(format!(
+            "{} pieces, more than {MAX_READ_PIECES}",
+            pieces.len()
+        ));
+    }
+    let mut out = Outgoing::default();
+    let last = pieces.len() - 1;
+    let mut at = offset;
+    for (i, piece) in pieces.into_iter().enumerate() {
+        let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+        let mut head = BytesMut::new();
+        let n = piece.len_bytes();
+        let data = match piece {
+            ReadPiece::Data(d) => {
+                encode_offset_data_header(h.cookie, flags, at, d.len() as u32, &mut head);
+                d
+            }
+            ReadPiece::Hole(n) => {
+                encode_offset_hole(h.cookie, flags, at, n, &mut head);
+                Bytes::new()
+            }
+        };
+        at += n;
+        if i == 0 {
+            out.head = head;
+            out.data = data;
+        } else {
+            out.more.push((head, data));
+        }
+    }
+    Ok(out)
 }
 
 /// Converts target extents to wire extents covering at most `len_bytes`:
@@ -605,5 +695,96 @@ mod tests {
         );
         assert_eq!(clip_extents(&e, 150, true).len(), 1);
         assert!(clip_extents(&[ext(0, false)], 10, false).is_empty());
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    fn read_cmd(offset: u64, len_bytes: u32, df: bool) -> Command {
+        Command::Read {
+            offset,
+            len_bytes,
+            df,
+        }
+    }
+
+    #[test]
+    fn sparse_read_goes_out_as_hole_data_hole_chunks_with_done_last() {
+        // Proves a structured READ over a hole, written data and a hole is
+        // three chunks (golden bytes), DONE only on the last, and that DF
+        // or simple replies give one whole data reply instead.
+        let t = crate::mem::MemTarget::with_flags(1 << 20, flags());
+        let bs = crate::mem::MEM_BLOCK_BYTES;
+        run(t.write(bs, Bytes::from(vec![0xab; bs as usize]), false)).unwrap();
+        let h = hdr(CMD_READ, 0, 0, 3 * bs as u32);
+        let out = run(execute(
+            &t,
+            &h,
+            &params(true, false),
+            read_cmd(0, 3 * bs as u32, false),
+        ));
+        let mut want = BytesMut::new();
+        encode_offset_hole(1, 0, 0, bs as u32, &mut want);
+        encode_offset_data_header(1, 0, bs, bs as u32, &mut want);
+        want.extend_from_slice(&vec![0xab; bs as usize]);
+        encode_offset_hole(1, REPLY_FLAG_DONE, 2 * bs, bs as u32, &mut want);
+        assert_eq!(out.to_bytes(), want);
+        assert_eq!(out.len_bytes(), want.len());
+        // Golden: the first chunk, an OFFSET_HOLE of one block at 0.
+        let mut first = BytesMut::new();
+        encode_offset_hole(1, 0, 0, bs as u32, &mut first);
+        assert_eq!(
+            &first[..],
+            &[
+                0x66, 0x8e, 0x33, 0xef, // structured reply magic
+                0, 0, 0, 2, // flags, OFFSET_HOLE
+                0, 0, 0, 0, 0, 0, 0, 1, // cookie
+                0, 0, 0, 12, // length
+                0, 0, 0, 0, 0, 0, 0, 0, // offset
+                0, 0, 0x10, 0, // hole length
+            ][..]
+        );
+        let df = hdr(CMD_READ, CMD_FLAG_DF, 0, 3 * bs as u32);
+        let out = run(execute(
+            &t,
+            &df,
+            &params(true, false),
+            read_cmd(0, 3 * bs as u32, true),
+        ));
+        assert!(out.more.is_empty(), "DF reply fragmented");
+        assert_eq!(out.data.len(), 3 * bs as usize);
+        let out = run(execute(
+            &t,
+            &h,
+            &params(false, false),
+            read_cmd(0, 3 * bs as u32, false),
+        ));
+        assert!(out.more.is_empty(), "simple reply fragmented");
+        assert_eq!(out.head.len(), SIMPLE_REPLY_HEADER_BYTES);
+    }
+
+    #[test]
+    fn pieces_that_do_not_tile_the_read_are_an_eio_error_chunk() {
+        // Proves a target's wrong pieces (short, long, empty, too many)
+        // become an EIO ERROR chunk, never a reply that lies about data.
+        let h = hdr(CMD_READ, 0, 0, 8);
+        let data = |n: usize| ReadPiece::Data(Bytes::from(vec![1; n]));
+        for pieces in [
+            vec![data(4)],
+            vec![data(4), ReadPiece::Hole(8)],
+            vec![data(8), ReadPiece::Hole(0)],
+            vec![ReadPiece::Hole(0), data(8)],
+        ] {
+            assert!(sparse_read_reply(&h, 0, 8, pieces).is_err());
+        }
+        let many = vec![ReadPiece::Hole(1); MAX_READ_PIECES + 1];
+        let n = many.len() as u32;
+        assert!(sparse_read_reply(&hdr(CMD_READ, 0, 0, n), 0, n, many).is_err());
+        let ok = sparse_read_reply(&h, 0, 8, vec![ReadPiece::Hole(3), data(5)]).unwrap();
+        assert_eq!(ok.more.len(), 1);
     }
 }

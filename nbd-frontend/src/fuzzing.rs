@@ -127,28 +127,27 @@ fn run_requests(params: SessionParams, buf: &mut BytesMut) {
             Ok(cmd) => poll_ready(execute(&target, &header, &params, cmd)),
             Err(rej) => error_reply(&header, &params, rej.errno, &rej.message),
         };
-        check_reply(header.cookie, params.structured_replies, out.head);
+        check_reply(header.cookie, params.structured_replies, out.to_bytes());
     }
 }
 
-/// Asserts the reply head is one well-formed simple reply or DONE chunk for `cookie`.
-fn check_reply(cookie: u64, structured: bool, mut head: BytesMut) {
-    if head.len() >= 4 && head[..4] == STRUCTURED_REPLY_MAGIC.to_be_bytes() {
+/// Asserts the reply is one well-formed simple reply, or chunks for
+/// `cookie` of which exactly the last is DONE.
+fn check_reply(cookie: u64, structured: bool, mut reply: BytesMut) {
+    if reply.len() >= 4 && reply[..4] == STRUCTURED_REPLY_MAGIC.to_be_bytes() {
         assert!(structured, "chunk sent without structured replies");
-        let need = head.len();
-        let mut whole = head.clone();
-        // OFFSET_DATA heads carry only the offset; pad the data for decoding.
-        let declared = u32::from_be_bytes(head[16..20].try_into().expect("4 bytes")) as usize;
-        if declared + STRUCTURED_REPLY_HEADER_BYTES > need {
-            whole.resize(declared + STRUCTURED_REPLY_HEADER_BYTES, 0);
+        loop {
+            let c = Chunk::decode(&mut reply)
+                .expect("chunk decodes")
+                .expect("chunk is whole");
+            assert_eq!(c.header.cookie, cookie);
+            if c.header.is_done() {
+                assert!(reply.is_empty(), "bytes after the DONE chunk");
+                return;
+            }
         }
-        let c = Chunk::decode(&mut whole)
-            .expect("chunk decodes")
-            .expect("chunk is whole");
-        assert_eq!(c.header.cookie, cookie);
-        assert!(c.header.is_done());
     } else {
-        let r = SimpleReply::decode(&mut head)
+        let r = SimpleReply::decode(&mut reply)
             .expect("simple reply decodes")
             .expect("simple reply is whole");
         assert_eq!(r.cookie, cookie);

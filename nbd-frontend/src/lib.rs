@@ -25,4 +25,4 @@ pub mod target;
 pub mod transmission;
 
 pub use server::{serve, ExportConfig, Listener};
-pub use target::{BlockTarget, Extent, PayloadBuf, TargetError, TargetFlags};
+pub use target::{BlockTarget, Extent, PayloadBuf, ReadPiece, TargetError, TargetFlags};

@@ -10,7 +10,9 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
-use crate::target::{BlockTarget, Extent, TargetError, TargetFlags};
+use crate::target::{
+    plan_read_pieces, read_planned, BlockTarget, Extent, ReadPiece, TargetError, TargetFlags,
+};
 
 /// Allocation granularity of [`MemTarget`].
 pub const MEM_BLOCK_BYTES: u64 = 4096;
@@ -202,6 +204,16 @@ impl BlockTarget for MemTarget {
 
     async fn cache(&self, offset: u64, len_bytes: u64) -> Result<(), TargetError> {
         self.check("cache", offset, len_bytes)
+    }
+
+    /// Blocks never written (or trimmed) come back as holes.
+    async fn read_sparse(
+        &self,
+        offset: u64,
+        len_bytes: u32,
+    ) -> Result<Vec<ReadPiece>, TargetError> {
+        let extents = self.block_status(offset, u64::from(len_bytes)).await?;
+        read_planned(self, &plan_read_pieces(offset, len_bytes, &extents)).await
     }
 
     async fn block_status(&self, offset: u64, len_bytes: u64) -> Result<Vec<Extent>, TargetError> {

@@ -342,14 +342,14 @@ async fn write_batch<S: AsyncWrite>(
     buf: &mut BytesMut,
 ) -> io::Result<()> {
     buf.clear();
-    for q in batch {
-        buf.extend_from_slice(&q.out.head);
-        if q.out.data.len() <= COALESCE_REPLY_BYTES {
-            buf.extend_from_slice(&q.out.data);
+    for (head, data) in batch.iter().flat_map(|q| q.out.pieces()) {
+        buf.extend_from_slice(head);
+        if data.len() <= COALESCE_REPLY_BYTES {
+            buf.extend_from_slice(data);
         } else {
             w.write_all(buf).await?;
             buf.clear();
-            w.write_all(&q.out.data).await?;
+            w.write_all(data).await?;
         }
     }
     if !buf.is_empty() {
@@ -653,6 +653,7 @@ mod tests {
             out: Outgoing {
                 head: BytesMut::from(&[tag; 16][..]),
                 data: Bytes::from(vec![tag; data_len]),
+                more: Vec::new(),
             },
             _permits: None,
         }
@@ -662,21 +663,29 @@ mod tests {
     async fn replies_queued_together_are_written_together_in_order() {
         // Proves reply batching: 32 small replies queued before the writer
         // runs go out in one write, whole and in queue order; a large read
-        // reply is written from its own buffer after the heads before it.
+        // reply is written from its own buffer after the heads before it;
+        // every piece of a fragmented reply goes out, in order.
         let rec = Recorder::default();
         let (_r, w) = tokio::io::split(rec.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         let (broken, _broken_rx) = watch::channel(false);
         let mut expected = Vec::new();
         for tag in 0..32u8 {
-            let q = reply(tag, if tag % 2 == 0 { 0 } else { 4096 });
-            expected.extend_from_slice(&q.out.head);
-            expected.extend_from_slice(&q.out.data);
+            let mut q = reply(tag, if tag % 2 == 0 { 0 } else { 4096 });
+            if tag == 7 {
+                q.out.more = vec![
+                    (BytesMut::from(&[70u8; 20][..]), Bytes::new()),
+                    (
+                        BytesMut::from(&[71u8; 16][..]),
+                        Bytes::from(vec![72u8; 512]),
+                    ),
+                ];
+            }
+            expected.extend_from_slice(&q.out.to_bytes());
             tx.send(q).unwrap();
         }
         let big = reply(99, COALESCE_REPLY_BYTES + 1);
-        expected.extend_from_slice(&big.out.head);
-        expected.extend_from_slice(&big.out.data);
+        expected.extend_from_slice(&big.out.to_bytes());
         tx.send(big).unwrap();
         drop(tx);
         reply_writer(w, rx, Arc::new(broken)).await;

@@ -58,7 +58,8 @@ async fn write_then_read_round_trips_with_simple_and_structured_replies() {
 
 #[tokio::test]
 async fn large_read_of_max_payload_is_served_whole() {
-    // Proves a 32 MiB read (the advertised maximum) is answered with all its data.
+    // Proves a 32 MiB read (the advertised maximum) is answered with all its
+    // data: the never-written part as an OFFSET_HOLE chunk, then the data.
     let target = Arc::new(MemTarget::new(64 << 20));
     target.write_now((32 << 20) - 1, b"z");
     let srv = TestServer::start(target).await;
@@ -67,6 +68,10 @@ async fn large_read_of_max_payload_is_served_whole() {
     assert_eq!(r.error, 0);
     assert_eq!(r.data.len(), MAX_PAYLOAD_BYTES as usize);
     assert_eq!(r.data[r.data.len() - 1], b'z');
+    assert_eq!(
+        r.chunk_types,
+        vec![REPLY_TYPE_OFFSET_HOLE, REPLY_TYPE_OFFSET_DATA]
+    );
 }
 
 #[tokio::test]

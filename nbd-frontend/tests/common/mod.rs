@@ -100,7 +100,10 @@ pub struct Reply {
     pub data: Vec<u8>,
     pub message: String,
     pub extents: Vec<WireExtent>,
+    /// Type of the first chunk (structured replies).
     pub chunk_type: Option<u16>,
+    /// Types of every chunk, in order (structured replies).
+    pub chunk_types: Vec<u16>,
 }
 
 pub struct Client {
@@ -242,7 +245,7 @@ impl Client {
         within("send", self.stream.write_all(&out)).await.unwrap();
     }
 
-    /// Reads one whole reply (our server sends one chunk per structured reply).
+    /// Reads one whole reply (every chunk of a structured one).
     pub async fn reply(&mut self) -> Reply {
         let pending = self.pending_reads.clone();
         let structured = self.structured;
@@ -254,32 +257,56 @@ impl Client {
                 let magic = u32::from_be_bytes(b[..4].try_into().unwrap());
                 if magic == STRUCTURED_REPLY_MAGIC {
                     assert!(structured, "chunk without structured replies");
-                    let Some(c) = Chunk::decode(b).map_err(|e| e.to_string())? else {
-                        return Ok(None);
-                    };
-                    assert!(c.header.is_done(), "server sends one DONE chunk per reply");
+                    // Our server writes a reply's chunks together: wait for
+                    // all of them up to DONE, then take them.
+                    let mut peek = b.clone();
+                    let mut chunks = Vec::new();
+                    loop {
+                        let Some(c) = Chunk::decode(&mut peek).map_err(|e| e.to_string())? else {
+                            return Ok(None);
+                        };
+                        let done = c.header.is_done();
+                        chunks.push(c);
+                        if done {
+                            break;
+                        }
+                    }
+                    let _ = b.split_to(b.len() - peek.len());
                     let mut r = Reply {
-                        cookie: c.header.cookie,
+                        cookie: chunks[0].header.cookie,
                         error: 0,
                         data: vec![],
                         message: String::new(),
                         extents: vec![],
-                        chunk_type: Some(c.header.chunk_type),
+                        chunk_type: Some(chunks[0].header.chunk_type),
+                        chunk_types: chunks.iter().map(|c| c.header.chunk_type).collect(),
                     };
-                    match c.header.chunk_type {
-                        REPLY_TYPE_OFFSET_DATA => r.data = c.payload[8..].to_vec(),
-                        REPLY_TYPE_ERROR => {
-                            let (e, m) = parse_error_chunk(&c.payload).expect("error chunk");
-                            r.error = e;
-                            r.message = m;
+                    for c in &chunks {
+                        assert_eq!(
+                            c.header.cookie, r.cookie,
+                            "chunks of two replies interleaved"
+                        );
+                        match c.header.chunk_type {
+                            // Our server sends a read's chunks in order.
+                            REPLY_TYPE_OFFSET_DATA => r.data.extend_from_slice(&c.payload[8..]),
+                            REPLY_TYPE_OFFSET_HOLE => {
+                                let n = u32::from_be_bytes(c.payload[8..12].try_into().unwrap());
+                                r.data.resize(r.data.len() + n as usize, 0);
+                            }
+                            REPLY_TYPE_ERROR => {
+                                let (e, m) = parse_error_chunk(&c.payload).expect("error chunk");
+                                r.error = e;
+                                r.message = m;
+                            }
+                            REPLY_TYPE_BLOCK_STATUS => {
+                                let (id, ext) =
+                                    parse_block_status(&c.payload).expect("status chunk");
+                                assert_eq!(id, CONTEXT_ID_BASE_ALLOCATION);
+                                r.extents = ext;
+                            }
+                            REPLY_TYPE_NONE => {}
+                            other => panic!("unexpected chunk type {other}"),
                         }
-                        REPLY_TYPE_BLOCK_STATUS => {
-                            let (id, ext) = parse_block_status(&c.payload).expect("status chunk");
-                            assert_eq!(id, CONTEXT_ID_BASE_ALLOCATION);
-                            r.extents = ext;
-                        }
-                        REPLY_TYPE_NONE => {}
-                        other => panic!("unexpected chunk type {other}"),
                     }
                     return Ok(Some(r));
                 }
@@ -304,6 +331,7 @@ impl Client {
                     message: String::new(),
                     extents: vec![],
                     chunk_type: None,
+                    chunk_types: Vec::new(),
                 }))
             })
             .await;
