@@ -121,6 +121,32 @@ fn simple_replies_without_structured_replies_work() {
 }
 
 #[test]
+fn sparse_reads_send_holes_as_offset_hole_chunks_unless_df() {
+    // Proves a structured READ over never-written and trimmed ranges gets
+    // OFFSET_HOLE chunks there and OFFSET_DATA for written data, tiling the
+    // request with the right bytes; with DF it is one OFFSET_DATA chunk.
+    case_on_fresh_export("sparse_read_sends_holes_as_offset_hole");
+}
+
+#[test]
+fn sparse_reads_over_o_direct_send_holes_too() {
+    // Proves the same over an O_DIRECT backing file (aligned reads of the
+    // data pieces, holes found through the same file).
+    let mut export = Export::start(ExportSpec {
+        direct: true,
+        ..ExportSpec::default()
+    });
+    run_case(&mut export, "sparse_read_sends_holes_as_offset_hole");
+}
+
+#[test]
+fn cache_is_advertised_and_changes_nothing() {
+    // Proves SEND_CACHE is advertised, CACHE succeeds without changing
+    // what reads return, and a CACHE past the end gets EINVAL.
+    case_on_fresh_export("cache_is_advertised_and_changes_nothing");
+}
+
+#[test]
 fn fast_zero_either_zeroes_or_fails_with_enotsup() {
     // Proves WRITE_ZEROES with FAST_ZERO either zeroes the range or fails with ENOTSUP leaving it intact.
     case_on_fresh_export("fast_zero_is_fast_or_enotsup");

@@ -13,10 +13,16 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use nbd_frontend::{BlockTarget, Extent, PayloadBuf, TargetError, TargetFlags};
+use nbd_frontend::target::{plan_read_pieces, read_planned};
+use nbd_frontend::{BlockTarget, Extent, PayloadBuf, ReadPiece, TargetError, TargetFlags};
 
 use crate::disk::aligned::{BufPool, PoolBuf};
-use crate::disk::{DiskEngine, DiskError};
+use crate::disk::{DiskEngine, DiskError, DiskExtent};
+
+/// Smallest structured read whose holes are looked for (and sent as
+/// OFFSET_HOLE chunks). Measured: at 4 KiB random reads, depth 32, the
+/// lseek calls were ~5% of the daemon's CPU time.
+pub const SPARSE_READ_MIN_BYTES: u32 = 64 * 1024;
 
 /// Serves a [`DiskEngine`] as an NBD export.
 #[derive(Debug)]
@@ -133,7 +139,9 @@ impl<E: DiskEngine> BlockTarget for LocalTarget<E> {
             // Fast zero requests are answered NotFast whenever zeroing would
             // mean writing, so advertising support is always honest.
             can_fast_zero: true,
-            can_cache: false,
+            // Buffered: the range is read ahead into the page cache; with
+            // O_DIRECT there is nothing to warm and CACHE succeeds at once.
+            can_cache: true,
             // One file, one page cache: fdatasync on any connection covers
             // writes completed on every connection.
             can_multi_conn: true,
@@ -196,8 +204,31 @@ impl<E: DiskEngine> BlockTarget for LocalTarget<E> {
         Ok(())
     }
 
-    async fn cache(&self, _offset: u64, _len_bytes: u64) -> Result<(), TargetError> {
-        Ok(())
+    async fn cache(&self, offset: u64, len_bytes: u64) -> Result<(), TargetError> {
+        self.disk
+            .prefetch(offset, len_bytes)
+            .await
+            .map_err(target_err)
+    }
+
+    /// Holes of the file (SEEK_DATA/SEEK_HOLE, asked on this thread) go
+    /// out as OFFSET_HOLE chunks and are not read; a block device is all
+    /// data. Reads under [`SPARSE_READ_MIN_BYTES`] are sent as data without
+    /// asking: the two lseek calls cost more than the bytes they could save.
+    async fn read_sparse(
+        &self,
+        offset: u64,
+        len_bytes: u32,
+    ) -> Result<Vec<ReadPiece>, TargetError> {
+        if len_bytes < SPARSE_READ_MIN_BYTES {
+            return Ok(vec![ReadPiece::Data(self.read(offset, len_bytes).await?)]);
+        }
+        let extents = self
+            .disk
+            .block_status_now(offset, u64::from(len_bytes))
+            .map_err(target_err)?;
+        let plan = plan_read_pieces(offset, len_bytes, &wire_extents(extents));
+        read_planned(self, &plan).await
     }
 
     async fn block_status(&self, offset: u64, len_bytes: u64) -> Result<Vec<Extent>, TargetError> {
@@ -206,15 +237,20 @@ impl<E: DiskEngine> BlockTarget for LocalTarget<E> {
             .block_status(offset, len_bytes)
             .await
             .map_err(target_err)?;
-        Ok(extents
-            .into_iter()
-            .map(|e| Extent {
-                length_bytes: e.length_bytes,
-                hole: e.hole,
-                zero: e.hole,
-            })
-            .collect())
+        Ok(wire_extents(extents))
     }
+}
+
+/// Disk extents as the server's: a hole of a file reads as zeroes.
+fn wire_extents(extents: Vec<DiskExtent>) -> Vec<Extent> {
+    extents
+        .into_iter()
+        .map(|e| Extent {
+            length_bytes: e.length_bytes,
+            hole: e.hole,
+            zero: e.hole,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -334,5 +370,35 @@ mod tests {
             len_bytes: 1,
         };
         assert!(matches!(target_err(nf), TargetError::NotFast));
+    }
+
+    #[tokio::test]
+    async fn sparse_reads_skip_holes_from_the_minimum_size_and_cache_changes_nothing() {
+        // Proves a large read finds the file's holes (hole, data, hole with
+        // the written bytes), a read under SPARSE_READ_MIN_BYTES is one data
+        // piece without asking, and CACHE leaves contents alone.
+        let (_d, _p, t) = target(false);
+        let at = 256 * 1024;
+        t.write(at, Bytes::from(vec![0x77; 65536]), false)
+            .await
+            .unwrap();
+        let pieces = t.read_sparse(0, 1 << 19).await.unwrap();
+        let kinds: Vec<(bool, u64)> = pieces
+            .iter()
+            .map(|p| (matches!(p, ReadPiece::Hole(_)), p.len_bytes()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![(true, at), (false, 65536), (true, (1 << 19) - at - 65536)]
+        );
+        assert!(matches!(&pieces[1], ReadPiece::Data(d) if d.iter().all(|&b| b == 0x77)));
+        let small = t
+            .read_sparse(0, SPARSE_READ_MIN_BYTES - 4096)
+            .await
+            .unwrap();
+        assert!(matches!(&small[..], [ReadPiece::Data(d)] if d.iter().all(|&b| b == 0)));
+        assert!(t.flags().can_cache);
+        t.cache(0, DISK_BYTES).await.unwrap();
+        assert_eq!(&t.read(at, 4).await.unwrap()[..], &[0x77; 4][..]);
     }
 }

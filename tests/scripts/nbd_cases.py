@@ -389,6 +389,67 @@ def case_structured_replies_off_still_works(uri):
     assert_alive(h, "an error with simple replies")
 
 
+def read_chunks(h, count, offset, flags=0):
+    """Reads with pread_structured; returns (data, [(status, offset, len)])."""
+    chunks = []
+
+    def chunk(subbuf, off, status, error):
+        chunks.append((status, off, len(subbuf)))
+        return 0
+
+    data = h.pread_structured(count, offset, chunk, flags)
+    return data, sorted(chunks, key=lambda c: c[1])
+
+
+def case_sparse_read_sends_holes_as_offset_hole(uri):
+    h = connect(uri, meta=False)
+    mib = 1 << 20
+    data = os.urandom(65536)
+    h.pwrite(data, mib)
+    h.pwrite(pattern(7, mib), 2 * mib)
+    h.trim(mib, 2 * mib)
+    h.flush()
+    start, count = mib - 65536, 2 * mib
+    got, chunks = read_chunks(h, count, start)
+    if got != pattern(0, 65536) + data + pattern(0, count - 2 * 65536):
+        fail("sparse read returned wrong bytes")
+    at = start
+    for status, off, n in chunks:
+        if off != at or n == 0:
+            fail("chunks do not tile the request: %r" % chunks)
+        at += n
+    if at != start + count:
+        fail("chunks do not cover the request: %r" % chunks)
+    data_chunks = [c for c in chunks if c[0] == nbd.READ_DATA]
+    hole_chunks = [c for c in chunks if c[0] == nbd.READ_HOLE]
+    if not hole_chunks:
+        fail("no OFFSET_HOLE chunk for never-written and trimmed ranges: %r" % chunks)
+    for _, off, n in data_chunks:
+        if off + n <= mib or off >= mib + 65536:
+            fail("a hole came back as data: %r" % chunks)
+    if not any(off <= mib and off + n >= mib + 65536 for _, off, n in data_chunks):
+        fail("the written range did not come back as one data chunk: %r" % chunks)
+    # DF: the same read in one OFFSET_DATA chunk.
+    got, chunks = read_chunks(h, count, start, nbd.CMD_FLAG_DF)
+    if got != pattern(0, 65536) + data + pattern(0, count - 2 * 65536):
+        fail("DF read returned wrong bytes")
+    if chunks != [(nbd.READ_DATA, start, count)]:
+        fail("DF read was fragmented: %r" % chunks)
+
+
+def case_cache_is_advertised_and_changes_nothing(uri):
+    h = connect(uri, meta=False)
+    if not h.can_cache():
+        fail("SEND_CACHE not advertised")
+    data = os.urandom(131072)
+    h.pwrite(data, 4096)
+    h.cache(1 << 20, 0)
+    if h.pread(131072, 4096) != data:
+        fail("CACHE changed what a read returns")
+    expect_errno("CACHE past end", errno.EINVAL, h.cache, 4096, h.get_size())
+    assert_alive(h, "CACHE")
+
+
 def case_fast_zero_is_fast_or_enotsup(uri):
     h = connect(uri)
     if not h.can_fast_zero():

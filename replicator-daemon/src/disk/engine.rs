@@ -367,4 +367,22 @@ impl<I: BlockIo> DiskEngine for Engine<I> {
             .await
             .map_err(Self::io_err("block status", offset, len_bytes))
     }
+
+    fn block_status_now(&self, offset: u64, len_bytes: u64) -> Result<Vec<DiskExtent>, DiskError> {
+        self.check("block status", offset, len_bytes)?;
+        self.file
+            .block_status(offset, len_bytes)
+            .map_err(Self::io_err("block status", offset, len_bytes))
+    }
+
+    async fn prefetch(&self, offset: u64, len_bytes: u64) -> Result<(), DiskError> {
+        self.check("prefetch", offset, len_bytes)?;
+        if self.direct() || len_bytes == 0 {
+            return Ok(());
+        }
+        let file = self.file.clone();
+        blocking(move || file.will_need(offset, len_bytes))
+            .await
+            .map_err(Self::io_err("prefetch", offset, len_bytes))
+    }
 }

@@ -160,6 +160,14 @@ impl BackingFile {
         }
     }
 
+    /// posix_fadvise(WILLNEED): the kernel starts reading the range into
+    /// the page cache.
+    pub fn will_need(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+        let len = std::num::NonZeroU64::new(len_bytes);
+        rustix::fs::fadvise(&self.file, offset, len, rustix::fs::Advice::WillNeed)?;
+        Ok(())
+    }
+
     /// Allocation of `[offset, offset + len)`: at most
     /// [`MAX_EXTENTS_PER_STATUS`] extents, at least one, none past the range.
     /// Block devices report everything as data.

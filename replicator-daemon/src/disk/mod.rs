@@ -128,6 +128,17 @@ pub trait DiskEngine: Send + Sync + 'static {
         offset: u64,
         len_bytes: u64,
     ) -> impl Future<Output = Result<Vec<DiskExtent>, DiskError>> + Send;
+    /// [`DiskEngine::block_status`] done on the calling thread: a few
+    /// lseek calls, cheaper than handing them to another thread, for the
+    /// read path (sparse reads ask it before every read).
+    fn block_status_now(&self, offset: u64, len_bytes: u64) -> Result<Vec<DiskExtent>, DiskError>;
+    /// A prefetch hint: starts reading the range into the page cache when
+    /// the disk is used through it; with O_DIRECT there is nothing to warm.
+    fn prefetch(
+        &self,
+        offset: u64,
+        len_bytes: u64,
+    ) -> impl Future<Output = Result<(), DiskError>> + Send;
 }
 
 /// The engine type the daemon runs: either I/O layer, chosen at open.
