@@ -23,6 +23,7 @@ pub mod proto;
 pub mod server;
 pub mod target;
 pub mod transmission;
+pub mod vectored;
 
 pub use server::{serve, ExportConfig, Listener};
 pub use target::{BlockTarget, Extent, PayloadBuf, ReadPiece, TargetError, TargetFlags};

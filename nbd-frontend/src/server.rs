@@ -31,6 +31,7 @@ use crate::negotiate::{ExportInfo, Negotiation, SessionParams, Step};
 use crate::proto::{ESHUTDOWN, MAX_PAYLOAD_BYTES};
 use crate::target::{BlockTarget, PayloadBuf};
 use crate::transmission::{Head, Incoming, RequestDecoder, TransmissionError};
+use crate::vectored::write_all_slices;
 
 /// Requests of one connection being executed or waiting to send their reply.
 pub const MAX_IN_FLIGHT_REQUESTS_PER_CONN: usize = 64;
@@ -302,14 +303,16 @@ struct Queued {
     _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
-/// Replies written by one write call at most.
+/// Replies written by one (vectored) write call at most.
 const MAX_REPLIES_PER_WRITE: usize = 64;
 
 /// Writes the queued replies of one connection, whole and one after the
 /// other, until the queue closes (then shuts the stream down) or a write
 /// fails (then sets `broken`). Replies queued together go out together:
-/// heads and small data are gathered in one buffer and one write, so at
-/// depth 32 a batch of completions costs one syscall, not one each.
+/// heads and small data are gathered in one buffer, large READ data is
+/// sent from its own buffer, all in one vectored write, so at depth 32 a
+/// batch of completions costs one syscall, not one each, and a large read
+/// reply's head does not go out as a packet of its own.
 async fn reply_writer<S: AsyncWrite>(
     mut w: WriteHalf<S>,
     mut rx: mpsc::UnboundedReceiver<Queued>,
@@ -341,21 +344,28 @@ async fn write_batch<S: AsyncWrite>(
     batch: &[Queued],
     buf: &mut BytesMut,
 ) -> io::Result<()> {
+    // Heads and small data are copied into `buf`; large data is sent from
+    // where it is. `runs` are the parts in wire order: a range of `buf`
+    // (None) or large data.
     buf.clear();
+    let mut runs: Vec<(std::ops::Range<usize>, Option<&Bytes>)> = Vec::new();
+    let mut from = 0;
     for (head, data) in batch.iter().flat_map(|q| q.out.pieces()) {
         buf.extend_from_slice(head);
         if data.len() <= COALESCE_REPLY_BYTES {
             buf.extend_from_slice(data);
         } else {
-            w.write_all(buf).await?;
-            buf.clear();
-            w.write_all(data).await?;
+            runs.push((from..buf.len(), None));
+            runs.push((0..0, Some(data)));
+            from = buf.len();
         }
     }
-    if !buf.is_empty() {
-        w.write_all(buf).await?;
-    }
-    Ok(())
+    runs.push((from..buf.len(), None));
+    let parts: Vec<&[u8]> = runs
+        .iter()
+        .map(|(r, data)| data.map_or(&buf[r.clone()], |d| &d[..]))
+        .collect();
+    write_all_slices(w, &parts).await
 }
 
 /// Payload cost of a request in the byte budget, in KiB (rounded up):
@@ -640,6 +650,19 @@ mod tests {
             self.writes.lock().unwrap().push(buf.to_vec());
             Poll::Ready(Ok(buf.len()))
         }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let n = all.len();
+            self.writes.lock().unwrap().push(all);
+            Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
@@ -662,9 +685,9 @@ mod tests {
     #[tokio::test]
     async fn replies_queued_together_are_written_together_in_order() {
         // Proves reply batching: 32 small replies queued before the writer
-        // runs go out in one write, whole and in queue order; a large read
-        // reply is written from its own buffer after the heads before it;
-        // every piece of a fragmented reply goes out, in order.
+        // runs go out in one (vectored) write, whole and in queue order,
+        // a large read's data included; every piece of a fragmented reply
+        // goes out, in order.
         let rec = Recorder::default();
         let (_r, w) = tokio::io::split(rec.clone());
         let (tx, rx) = mpsc::unbounded_channel();
@@ -692,8 +715,8 @@ mod tests {
         let writes = rec.writes.lock().unwrap().clone();
         assert_eq!(
             writes.len(),
-            2,
-            "one write for the batch, one for the large data"
+            1,
+            "one write for the batch and the large data"
         );
         assert_eq!(writes.concat(), expected);
     }

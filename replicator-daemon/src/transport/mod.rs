@@ -534,8 +534,6 @@ enum Segment {
 /// Data shorter than this is copied into the batch buffer: fewer iovecs,
 /// and a small copy costs less than a segment.
 const COPY_DATA_BELOW_BYTES: usize = 16 * 1024;
-/// iovecs per writev (well under IOV_MAX).
-const MAX_IOVECS: usize = 128;
 
 /// Writes queued frames, application lane first, until the lanes are closed
 /// and drained (returns the close reason) or the socket fails.
@@ -600,43 +598,14 @@ async fn write_segments(
     buf: &[u8],
     segments: &[Segment],
 ) -> std::io::Result<()> {
-    fn bytes_of<'a>(buf: &'a [u8], s: &'a Segment) -> &'a [u8] {
-        match s {
+    let parts: Vec<&[u8]> = segments
+        .iter()
+        .map(|s| match s {
             Segment::Encoded(r) => &buf[r.clone()],
-            Segment::Data(d) => d,
-        }
-    }
-    let (mut next, mut skip) = (0usize, 0usize);
-    let mut iov: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(MAX_IOVECS);
-    while next < segments.len() {
-        iov.clear();
-        for (k, s) in segments[next..].iter().take(MAX_IOVECS).enumerate() {
-            let b = bytes_of(buf, s);
-            iov.push(std::io::IoSlice::new(if k == 0 { &b[skip..] } else { b }));
-        }
-        let mut n = w.write_vectored(&iov).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        // Move past what was written.
-        while n > 0 {
-            let left = bytes_of(buf, &segments[next]).len() - skip;
-            if n >= left {
-                n -= left;
-                next += 1;
-                skip = 0;
-            } else {
-                skip += n;
-                n = 0;
-            }
-        }
-        // Skip empty segments so the loop ends.
-        while next < segments.len() && bytes_of(buf, &segments[next]).len() == skip {
-            next += 1;
-            skip = 0;
-        }
-    }
-    Ok(())
+            Segment::Data(d) => &d[..],
+        })
+        .collect();
+    nbd_frontend::vectored::write_all_slices(w, &parts).await
 }
 
 #[cfg(test)]
