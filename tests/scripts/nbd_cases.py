@@ -424,9 +424,12 @@ def case_sparse_read_sends_holes_as_offset_hole(uri):
     hole_chunks = [c for c in chunks if c[0] == nbd.READ_HOLE]
     if not hole_chunks:
         fail("no OFFSET_HOLE chunk for never-written and trimmed ranges: %r" % chunks)
+    # The hole before the data comes back as a hole (after the data a
+    # server may send zeroes as data: finding where data stops can cost
+    # more than sending it).
     for _, off, n in data_chunks:
-        if off + n <= mib or off >= mib + 65536:
-            fail("a hole came back as data: %r" % chunks)
+        if off < mib:
+            fail("the hole before the data came back as data: %r" % chunks)
     if not any(off <= mib and off + n >= mib + 65536 for _, off, n in data_chunks):
         fail("the written range did not come back as one data chunk: %r" % chunks)
     # DF: the same read in one OFFSET_DATA chunk.

@@ -368,11 +368,11 @@ impl<I: BlockIo> DiskEngine for Engine<I> {
             .map_err(Self::io_err("block status", offset, len_bytes))
     }
 
-    fn block_status_now(&self, offset: u64, len_bytes: u64) -> Result<Vec<DiskExtent>, DiskError> {
-        self.check("block status", offset, len_bytes)?;
+    fn next_data_now(&self, offset: u64) -> Result<Option<u64>, DiskError> {
+        self.check("seek data", offset, 0)?;
         self.file
-            .block_status(offset, len_bytes)
-            .map_err(Self::io_err("block status", offset, len_bytes))
+            .next_data(offset)
+            .map_err(Self::io_err("seek data", offset, 0))
     }
 
     async fn prefetch(&self, offset: u64, len_bytes: u64) -> Result<(), DiskError> {

@@ -160,6 +160,21 @@ impl BackingFile {
         }
     }
 
+    /// SEEK_DATA from `offset`: where the next data starts, `None` when
+    /// only a hole follows. Block devices are all data. One call, whatever
+    /// the file system: unlike SEEK_HOLE after data, which walks the page
+    /// cache to the end of the data on tmpfs (a whole file per call).
+    pub fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        if self.kind == DiskKind::BlockDevice || offset >= self.size_bytes {
+            return Ok((offset < self.size_bytes).then_some(offset));
+        }
+        match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(offset)) {
+            Ok(d) => Ok(Some(d)),
+            Err(rustix::io::Errno::NXIO) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// posix_fadvise(WILLNEED): the kernel starts reading the range into
     /// the page cache.
     pub fn will_need(&self, offset: u64, len_bytes: u64) -> io::Result<()> {

@@ -128,10 +128,11 @@ pub trait DiskEngine: Send + Sync + 'static {
         offset: u64,
         len_bytes: u64,
     ) -> impl Future<Output = Result<Vec<DiskExtent>, DiskError>> + Send;
-    /// [`DiskEngine::block_status`] done on the calling thread: a few
-    /// lseek calls, cheaper than handing them to another thread, for the
-    /// read path (sparse reads ask it before every read).
-    fn block_status_now(&self, offset: u64, len_bytes: u64) -> Result<Vec<DiskExtent>, DiskError>;
+    /// Where the first data at or after `offset` starts (SEEK_DATA, on the
+    /// calling thread: one lseek, cheaper than a hand-off to another
+    /// thread; the read path asks it before large reads). `None`: only a
+    /// hole follows. A block device is all data.
+    fn next_data_now(&self, offset: u64) -> Result<Option<u64>, DiskError>;
     /// A prefetch hint: starts reading the range into the page cache when
     /// the disk is used through it; with O_DIRECT there is nothing to warm.
     fn prefetch(
