@@ -621,55 +621,7 @@ async fn acquire(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::pin::Pin;
-    use std::sync::Mutex;
-    use std::task::{Context, Poll};
-
-    /// A sink that records each write call.
-    #[derive(Default, Clone)]
-    struct Recorder {
-        writes: Arc<Mutex<Vec<Vec<u8>>>>,
-    }
-
-    impl AsyncRead for Recorder {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: &mut tokio::io::ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Poll::Pending
-        }
-    }
-
-    impl AsyncWrite for Recorder {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.writes.lock().unwrap().push(buf.to_vec());
-            Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_write_vectored(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            bufs: &[io::IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-            let n = all.len();
-            self.writes.lock().unwrap().push(all);
-            Poll::Ready(Ok(n))
-        }
-        fn is_write_vectored(&self) -> bool {
-            true
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
+    use crate::vectored::testing::Recorder;
 
     fn reply(tag: u8, data_len: usize) -> Queued {
         Queued {
@@ -688,7 +640,7 @@ mod tests {
         // runs go out in one (vectored) write, whole and in queue order,
         // a large read's data included; every piece of a fragmented reply
         // goes out, in order.
-        let rec = Recorder::default();
+        let rec = Recorder::new(usize::MAX);
         let (_r, w) = tokio::io::split(rec.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         let (broken, _broken_rx) = watch::channel(false);
@@ -712,7 +664,7 @@ mod tests {
         tx.send(big).unwrap();
         drop(tx);
         reply_writer(w, rx, Arc::new(broken)).await;
-        let writes = rec.writes.lock().unwrap().clone();
+        let writes = rec.written();
         assert_eq!(
             writes.len(),
             1,

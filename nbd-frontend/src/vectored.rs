@@ -56,33 +56,76 @@ pub async fn write_all_slices<W: AsyncWrite + Unpin + ?Sized>(
     }
 }
 
+/// A test stream shared by this crate's unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use std::io::{self, IoSlice};
     use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
     use std::task::{Context, Poll};
 
-    /// Accepts at most `max` bytes per call, vectored or not, recording calls.
-    struct Trickle {
-        out: Vec<u8>,
-        calls: usize,
-        max: usize,
+    use tokio::io::{AsyncRead, AsyncWrite};
+
+    /// Records the bytes of each write call (vectored or not), taking at
+    /// most `max` bytes per call; reads never complete.
+    #[derive(Clone)]
+    pub(crate) struct Recorder {
+        pub writes: Arc<Mutex<Vec<Vec<u8>>>>,
+        pub max: usize,
     }
 
-    impl AsyncWrite for Trickle {
+    impl Recorder {
+        pub(crate) fn new(max: usize) -> Recorder {
+            Recorder {
+                writes: Arc::default(),
+                max,
+            }
+        }
+
+        pub(crate) fn written(&self) -> Vec<Vec<u8>> {
+            self.writes.lock().unwrap().clone()
+        }
+
+        fn record(&self, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+            let mut call = Vec::new();
+            for b in bufs {
+                let take = b.len().min(self.max - call.len());
+                call.extend_from_slice(&b[..take]);
+                if call.len() == self.max {
+                    break;
+                }
+            }
+            let n = call.len();
+            self.writes.lock().unwrap().push(call);
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Recorder {
         fn poll_write(
-            mut self: Pin<&mut Self>,
+            self: Pin<&mut Self>,
             _: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
-            self.poll_write_vectored_inner(&[IoSlice::new(buf)])
+            self.record(&[IoSlice::new(buf)])
         }
         fn poll_write_vectored(
-            mut self: Pin<&mut Self>,
+            self: Pin<&mut Self>,
             _: &mut Context<'_>,
             bufs: &[IoSlice<'_>],
         ) -> Poll<io::Result<usize>> {
-            self.poll_write_vectored_inner(bufs)
+            assert!(bufs.len() <= super::MAX_IOVECS);
+            self.record(bufs)
         }
         fn is_write_vectored(&self) -> bool {
             true
@@ -94,23 +137,12 @@ mod tests {
             Poll::Ready(Ok(()))
         }
     }
+}
 
-    impl Trickle {
-        fn poll_write_vectored_inner(&mut self, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
-            assert!(bufs.len() <= MAX_IOVECS);
-            self.calls += 1;
-            let mut n = 0;
-            for b in bufs {
-                let take = b.len().min(self.max - n);
-                self.out.extend_from_slice(&b[..take]);
-                n += take;
-                if n == self.max {
-                    break;
-                }
-            }
-            Poll::Ready(Ok(n))
-        }
-    }
+#[cfg(test)]
+mod tests {
+    use super::testing::Recorder;
+    use super::*;
 
     #[tokio::test]
     async fn every_byte_goes_out_in_order_however_the_writes_split() {
@@ -123,27 +155,16 @@ mod tests {
         let parts: Vec<&[u8]> = owned.iter().map(|v| &v[..]).collect();
         let want = owned.concat();
         for max in [1, 5, 64, 1 << 20] {
-            let mut w = Trickle {
-                out: Vec::new(),
-                calls: 0,
-                max,
-            };
+            let mut w = Recorder::new(max);
             write_all_slices(&mut w, &parts).await.unwrap();
-            assert_eq!(w.out, want, "max {max}");
+            assert_eq!(w.written().concat(), want, "max {max}");
             if max == 1 << 20 {
-                assert!(
-                    w.calls <= 300usize.div_ceil(MAX_IOVECS),
-                    "{} calls",
-                    w.calls
-                );
+                let calls = w.written().len();
+                assert!(calls <= 300usize.div_ceil(MAX_IOVECS), "{calls} calls");
             }
         }
-        let mut w = Trickle {
-            out: Vec::new(),
-            calls: 0,
-            max: 8,
-        };
+        let mut w = Recorder::new(8);
         write_all_slices(&mut w, &[&[], &[]]).await.unwrap();
-        assert_eq!(w.calls, 0);
+        assert!(w.written().is_empty());
     }
 }
