@@ -28,8 +28,9 @@
 //! [`MAX_OUTSTANDING_TO_POLL`] within the last [`OUTSTANDING_WINDOW`], the
 //! thread sleeps at once.
 //!
-//! This module holds one of the crate's two pieces of `unsafe` (the other is
-//! `disk::uring`): the `poll()` call, with its SAFETY comment.
+//! This module holds one of the crate's three pieces of `unsafe` (the
+//! others are `disk::uring` and `disk::huge`): the `poll()` call, with its
+//! SAFETY comment.
 #![allow(unsafe_code)]
 
 use std::os::fd::RawFd;

@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use super::huge::{advise_huge_pages, HUGE_PAGE_BYTES};
+
 /// Alignment of offsets, lengths and buffer addresses for O_DIRECT I/O.
 /// 4096 covers every logical block size Linux block devices use.
 pub const ALIGN_BYTES: u64 = 4096;
@@ -86,6 +88,10 @@ pub const POOL_MAX_CLASS_BYTES: usize = 4 * 1024 * 1024;
 /// counting each buffer's whole allocation (its class plus the alignment
 /// slack of [`ALIGN_BYTES`]).
 pub const POOL_IDLE_CAP_BYTES: usize = 32 * 1024 * 1024;
+/// Classes from this size up are carved out of slabs backed by transparent
+/// huge pages (see [`super::huge`]): a [`HUGE_PAGE_BYTES`]-aligned slab of
+/// at least one huge page, split into buffers of the class.
+pub const POOL_HUGE_MIN_CLASS_BYTES: usize = 256 * 1024;
 /// Number of size classes: 4 KiB, 8 KiB, ... 4 MiB.
 const POOL_CLASSES: usize =
     (POOL_MAX_CLASS_BYTES / POOL_MIN_CLASS_BYTES).trailing_zeros() as usize + 1;
@@ -117,6 +123,8 @@ fn class_cost_bytes(class: usize) -> usize {
 /// than its own (so the pool follows the workload), else it is freed.
 pub struct BufPool {
     idle_cap_bytes: usize,
+    /// Large classes come from huge-page slabs ([`BufPool::with_huge_slabs`]).
+    huge_slabs: bool,
     state: Mutex<PoolState>,
 }
 
@@ -141,20 +149,33 @@ impl std::fmt::Debug for BufPool {
 }
 
 impl BufPool {
-    /// An empty pool that keeps at most `idle_cap_bytes` idle.
+    /// An empty pool that keeps at most `idle_cap_bytes` idle; every new
+    /// buffer is an allocation of its own.
     pub fn new(idle_cap_bytes: usize) -> Arc<BufPool> {
         Arc::new(BufPool {
             idle_cap_bytes,
+            huge_slabs: false,
             state: Mutex::new(PoolState::default()),
         })
     }
 
-    /// The process-wide pool (cap [`POOL_IDLE_CAP_BYTES`]) that disk
-    /// engines and NBD targets share, so the cap bounds the whole process.
+    /// Like [`BufPool::new`], but buffers of [`POOL_HUGE_MIN_CLASS_BYTES`]
+    /// and more are carved out of huge-page slabs (see [`huge_slab`]).
+    pub fn with_huge_slabs(idle_cap_bytes: usize) -> Arc<BufPool> {
+        Arc::new(BufPool {
+            idle_cap_bytes,
+            huge_slabs: true,
+            state: Mutex::new(PoolState::default()),
+        })
+    }
+
+    /// The process-wide pool (cap [`POOL_IDLE_CAP_BYTES`], huge-page
+    /// slabs) that disk engines and NBD targets share, so the cap bounds
+    /// the whole process.
     pub fn shared() -> Arc<BufPool> {
         static SHARED: OnceLock<Arc<BufPool>> = OnceLock::new();
         SHARED
-            .get_or_init(|| BufPool::new(POOL_IDLE_CAP_BYTES))
+            .get_or_init(|| BufPool::with_huge_slabs(POOL_IDLE_CAP_BYTES))
             .clone()
     }
 
@@ -203,7 +224,7 @@ impl BufPool {
                 b
             }
             None => {
-                let mut b = AlignedBuf::zeroed(class_bytes(class)).into_bytes_mut();
+                let mut b = self.fresh(class);
                 b.truncate(len_bytes);
                 b
             }
@@ -213,6 +234,22 @@ impl BufPool {
             buf,
             home: Some((self.clone(), class)),
         }
+    }
+
+    /// A new buffer of `class` (its whole class long). Large classes come
+    /// from a fresh huge-page slab; its other buffers are kept idle (as far
+    /// as the cap allows: a slab's memory goes when all its buffers have).
+    fn fresh(&self, class: usize) -> BytesMut {
+        let bytes = class_bytes(class);
+        if !self.huge_slabs || bytes < POOL_HUGE_MIN_CLASS_BYTES {
+            return AlignedBuf::zeroed(bytes).into_bytes_mut();
+        }
+        let mut pieces = huge_slab(bytes);
+        let mine = pieces.remove(0);
+        for p in pieces {
+            self.give_back(class, p);
+        }
+        mine
     }
 
     /// Keeps `buf` of `class` for reuse if the cap allows, else frees it.
@@ -247,6 +284,26 @@ impl BufPool {
         // Freed outside the lock: munmap of a large buffer takes a while.
         drop(freed);
     }
+}
+
+/// A zeroed slab of whole huge pages (at least one, at least `piece`
+/// bytes), aligned to [`HUGE_PAGE_BYTES`] and advised for huge pages, split
+/// into buffers of `piece` bytes (a power of two from 4 KiB up). The buffers
+/// share the slab's allocation, which is freed when the last one is.
+fn huge_slab(piece: usize) -> Vec<BytesMut> {
+    let slab = piece.max(HUGE_PAGE_BYTES);
+    // calloc of this size is a fresh mmap: nothing is touched (or zeroed
+    // by hand) until used, the slack included.
+    let mut b = BytesMut::zeroed(slab + HUGE_PAGE_BYTES);
+    let skip = (HUGE_PAGE_BYTES - (b.as_ptr() as usize % HUGE_PAGE_BYTES)) % HUGE_PAGE_BYTES;
+    b.advance(skip);
+    b.truncate(slab);
+    advise_huge_pages(&mut b);
+    let mut pieces = Vec::with_capacity(slab / piece);
+    while !b.is_empty() {
+        pieces.push(b.split_to(piece));
+    }
+    pieces
 }
 
 /// A buffer from a [`BufPool`] (aligned; contents as [`BufPool::take`]
@@ -548,6 +605,45 @@ mod tests {
         for len in [1, 4095, 4096, 4097, 65535, 1 << 20, POOL_MAX_CLASS_BYTES] {
             let c = class_of(len).unwrap();
             assert!(class_bytes(c) >= len && (c == 0 || class_bytes(c - 1) < len));
+        }
+    }
+
+    #[test]
+    fn large_classes_come_from_huge_page_aligned_slabs_whose_pieces_are_reused() {
+        // Proves a large class is carved from a slab aligned to a huge page
+        // (the first buffer starts on one), the slab's other buffers wait
+        // idle and are handed out next (adjacent, no overlap), they are
+        // independent (writing one leaves the other alone), and a slab's
+        // memory is advised for huge pages where the kernel has them.
+        let pool = BufPool::with_huge_slabs(64 * 1024 * 1024);
+        let mib = 1 << 20;
+        let mut a = pool.take(mib);
+        assert_eq!(a.as_slice().as_ptr() as usize % HUGE_PAGE_BYTES, 0);
+        assert_eq!(pool.idle_bytes(), cost(mib), "the sibling waits idle");
+        let mut b = pool.take(mib);
+        assert_eq!(pool.idle_bytes(), 0);
+        let (pa, pb) = (
+            a.as_slice().as_ptr() as usize,
+            b.as_slice().as_ptr() as usize,
+        );
+        assert_eq!(pa.abs_diff(pb), mib, "siblings of one slab");
+        a.as_mut_slice().fill(1);
+        b.as_mut_slice().fill(2);
+        assert!(a.as_slice().iter().all(|&x| x == 1));
+        drop(a);
+        assert!(b.as_slice().iter().all(|&x| x == 2));
+        // Below the huge classes nothing changes.
+        let small = pool.take(POOL_HUGE_MIN_CLASS_BYTES / 2);
+        assert_eq!(
+            pool.idle_bytes(),
+            cost(mib),
+            "no siblings for a small class"
+        );
+        drop(small);
+        if std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            let mut slab = huge_slab(mib);
+            assert_eq!(slab.len(), 2);
+            assert!(advise_huge_pages(&mut slab[0]));
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`aligned`]: O_DIRECT alignment, [`aligned::AlignedBuf`] and the
 //!   [`aligned::BufPool`] of reusable aligned buffers.
 //! - [`file`]: opening the disk, its size, fallocate and SEEK_DATA/HOLE.
+//! - [`huge`]: transparent huge pages for the pool's large buffers.
 //! - [`io`]: the [`io::BlockIo`] layer and its sync (pread/pwrite) version.
 //! - [`uring`]: the io_uring version of that layer (the crate's only `unsafe`).
 //! - [`engine`]: [`engine::Engine`], a `DiskEngine` over any `BlockIo`.
@@ -25,6 +26,7 @@
 pub mod aligned;
 pub mod engine;
 pub mod file;
+pub mod huge;
 pub mod io;
 mod lock;
 pub mod uring;

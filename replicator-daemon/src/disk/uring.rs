@@ -14,9 +14,10 @@
 //! reaped; dropping the [`UringIo`] waits for every operation still in the
 //! kernel (those of cancelled callers), so the disk can be closed after it.
 //!
-//! This is the only module of the crate allowed to use `unsafe` (pushing
-//! entries that point at buffers, and the malloc tuning); each block says
-//! why it is sound. It must not check ranges or alignment (the engine does).
+//! This module holds one of the crate's three pieces of `unsafe` (the
+//! others are `busy_poll` and `disk::huge`): pushing entries that point at
+//! buffers, and registering the ring's descriptor; each block says why it
+//! is sound. It must not check ranges or alignment (the engine does).
 #![allow(unsafe_code)]
 
 use std::future::Future;
