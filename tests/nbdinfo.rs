@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{require_tool, stdout_of, Export, ExportSpec, Listen, ServerKind, EXPORT_NAME};
+use common::{require_tool, stdout_of, Export, ExportSpec, Listen, EXPORT_NAME};
 
 /// The NBD spec's default (and our advertised) maximum payload.
 const MAX_PAYLOAD_BYTES: u64 = 32 << 20;
@@ -91,8 +91,7 @@ fn nbdinfo_reports_size_and_every_flag() {
         ("trim", true),
         ("zero", true),
         ("fast-zero", true),
-        // replicatord does not advertise CACHE (LocalTarget: can_cache = false); qemu-nbd does.
-        ("cache", export.kind == ServerKind::QemuNbd),
+        ("cache", true),
         ("multi-conn", true),
         ("df", true),
     ] {
