@@ -102,7 +102,7 @@ impl BusyPoll {
     }
 
     /// Whether the recent peak of outstanding operations rules polling out.
-    fn throughput_bound(&self) -> bool {
+    pub(crate) fn throughput_bound(&self) -> bool {
         let o = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
         o.0 > MAX_OUTSTANDING_TO_POLL && o.1.is_some_and(|at| at.elapsed() <= OUTSTANDING_WINDOW)
     }

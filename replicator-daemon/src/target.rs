@@ -10,11 +10,13 @@
 //! replication engine between the NBD server and the disk instead.
 #![forbid(unsafe_code)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use nbd_frontend::{BlockTarget, Extent, PayloadBuf, ReadPiece, TargetError, TargetFlags};
 
+use crate::busy_poll::BusyPoll;
 use crate::disk::aligned::{BufPool, PoolBuf};
 use crate::disk::{DiskEngine, DiskError, DiskExtent};
 
@@ -29,6 +31,13 @@ pub struct LocalTarget<E> {
     disk: E,
     read_only: bool,
     pool: Arc<BufPool>,
+    /// Operations under way, reported to the busy-poll gate: like a
+    /// replicated node, a node serving many requests at once does not
+    /// poll (measured, 4 KiB random reads at depth 32: 48.7k IOPS polling
+    /// against 50.8k not, fio on the daemon's CPU; 65.0k against 68.1k
+    /// on the other).
+    in_flight: AtomicUsize,
+    busy_poll: &'static BusyPoll,
 }
 
 impl<E: DiskEngine> LocalTarget<E> {
@@ -37,7 +46,16 @@ impl<E: DiskEngine> LocalTarget<E> {
             disk,
             read_only,
             pool: BufPool::shared(),
+            in_flight: AtomicUsize::new(0),
+            busy_poll: BusyPoll::global(),
         }
+    }
+
+    /// Counts one operation until the guard drops.
+    fn track(&self) -> InFlight<'_> {
+        let n = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.busy_poll.set_outstanding(n);
+        InFlight(&self.in_flight)
     }
 
     /// The disk underneath (for the final flush at shutdown).
@@ -51,6 +69,15 @@ impl<E: DiskEngine> LocalTarget<E> {
         } else {
             Ok(())
         }
+    }
+}
+
+/// One operation of a [`LocalTarget`] under way.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -149,6 +176,7 @@ impl<E: DiskEngine> BlockTarget for LocalTarget<E> {
     }
 
     async fn read(&self, offset: u64, len_bytes: u32) -> Result<Bytes, TargetError> {
+        let _op = self.track();
         self.disk
             .read(offset, len_bytes as usize)
             .await
@@ -160,6 +188,7 @@ impl<E: DiskEngine> BlockTarget for LocalTarget<E> {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), TargetError> {
+        let _op = self.track();
         self.writable()?;
         self.disk.write(offset, data).await.map_err(target_err)?;
         if fua {
@@ -169,10 +198,12 @@ impl<E: DiskEngine> BlockTarget for LocalTarget<E> {
     }
 
     async fn flush(&self) -> Result<(), TargetError> {
+        let _op = self.track();
         self.disk.flush().await.map_err(target_err)
     }
 
     async fn trim(&self, offset: u64, len_bytes: u64, fua: bool) -> Result<(), TargetError> {
+        let _op = self.track();
         self.writable()?;
         self.disk
             .trim(offset, len_bytes)
@@ -192,6 +223,7 @@ impl<E: DiskEngine> BlockTarget for LocalTarget<E> {
         fast: bool,
         fua: bool,
     ) -> Result<(), TargetError> {
+        let _op = self.track();
         self.writable()?;
         self.disk
             .write_zeroes(offset, len_bytes, may_punch, fast)
@@ -418,5 +450,25 @@ mod tests {
         assert!(t.flags().can_cache);
         t.cache(0, DISK_BYTES).await.unwrap();
         assert_eq!(&t.read(at, 4).await.unwrap()[..], &[0x77; 4][..]);
+    }
+
+    #[tokio::test]
+    async fn many_requests_at_once_keep_the_thread_from_busy_polling() {
+        // Proves the gate sees a one-node export's load: eight reads under
+        // way at once rule polling out for the window; one at a time after
+        // it does not.
+        let (_d, _p, mut t) = target(false);
+        let gate: &'static BusyPoll = Box::leak(Box::default());
+        t.busy_poll = gate;
+        let r = |i: u64| t.read(i * 4096, 4096);
+        let (a, b, c, d, e, f, g, h) = tokio::join!(r(0), r(1), r(2), r(3), r(4), r(5), r(6), r(7));
+        for x in [a, b, c, d, e, f, g, h] {
+            x.unwrap();
+        }
+        assert!(gate.throughput_bound(), "8 at once is throughput-bound");
+        std::thread::sleep(crate::busy_poll::OUTSTANDING_WINDOW * 2);
+        t.read(0, 4096).await.unwrap();
+        assert!(!gate.throughput_bound(), "one at a time is not");
+        assert_eq!(t.in_flight.load(Ordering::Relaxed), 0);
     }
 }
