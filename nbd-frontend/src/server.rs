@@ -104,6 +104,30 @@ pub async fn serve<T: BlockTarget>(
     Ok(())
 }
 
+/// How a wait of the request loop ended.
+enum Waited<T> {
+    Done(T),
+    /// The reply writer failed: no reply can be sent any more.
+    Broken,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// Waits for `f` unless the reply writer breaks or shutdown is signalled
+/// first (checked in that order).
+async fn unless_stopped<T>(
+    broken: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<bool>,
+    f: impl Future<Output = T>,
+) -> Waited<T> {
+    tokio::select! {
+        biased;
+        _ = signalled(broken) => Waited::Broken,
+        _ = signalled(shutdown) => Waited::Shutdown,
+        t = f => Waited::Done(t),
+    }
+}
+
 async fn signalled(rx: &mut watch::Receiver<bool>) {
     // A dropped sender also means: stop.
     let _ = rx.wait_for(|v| *v).await;
@@ -421,18 +445,19 @@ where
                     buf.split_to(len).freeze()
                 } else {
                     let lent = target.payload_buf(len);
-                    let received = tokio::select! {
-                        biased;
-                        _ = signalled(&mut broken_rx) => {
-                            result = Ok("reply could not be sent".into());
-                            break;
-                        }
-                        _ = signalled(&mut shutdown) => {
-                            result = Ok("server shutting down".into());
-                            break;
-                        }
-                        r = receive_payload(&mut reader, &mut buf, len, lent) => r,
-                    };
+                    let receiving = receive_payload(&mut reader, &mut buf, len, lent);
+                    let received =
+                        match unless_stopped(&mut broken_rx, &mut shutdown, receiving).await {
+                            Waited::Done(r) => r,
+                            Waited::Broken => {
+                                result = Ok("reply could not be sent".into());
+                                break;
+                            }
+                            Waited::Shutdown => {
+                                result = Ok("server shutting down".into());
+                                break;
+                            }
+                        };
                     match received {
                         Ok(Some(payload)) => payload,
                         Ok(None) => break,
@@ -450,18 +475,20 @@ where
             }
             Ok(None) => {
                 buf.reserve(READ_CHUNK_BYTES);
-                let n = tokio::select! {
-                    biased;
-                    _ = signalled(&mut broken_rx) => {
-                        result = Ok("reply could not be sent".into());
-                        break;
-                    }
-                    _ = signalled(&mut shutdown) => {
-                        shutting_down = true;
-                        continue;
-                    }
-                    n = reader.read_buf(&mut buf) => n,
-                };
+                let n =
+                    match unless_stopped(&mut broken_rx, &mut shutdown, reader.read_buf(&mut buf))
+                        .await
+                    {
+                        Waited::Done(n) => n,
+                        Waited::Broken => {
+                            result = Ok("reply could not be sent".into());
+                            break;
+                        }
+                        Waited::Shutdown => {
+                            shutting_down = true;
+                            continue;
+                        }
+                    };
                 match n {
                     Ok(0) => break,
                     Ok(_) => continue,
@@ -500,17 +527,22 @@ where
         let permits = if shutting_down {
             None
         } else {
-            tokio::select! {
-                biased;
-                _ = signalled(&mut broken_rx) => {
+            match unless_stopped(
+                &mut broken_rx,
+                &mut shutdown,
+                acquire(&window, &budget, cost),
+            )
+            .await
+            {
+                Waited::Done(p) => Some(p),
+                Waited::Broken => {
                     result = Ok("reply could not be sent".into());
                     break;
                 }
-                _ = signalled(&mut shutdown) => {
+                Waited::Shutdown => {
                     shutting_down = true;
                     None
                 }
-                p = acquire(&window, &budget, cost) => Some(p),
             }
         };
         let Some(permits) = permits else {

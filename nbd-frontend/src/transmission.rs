@@ -408,6 +408,16 @@ mod tests {
         }
     }
 
+    fn flush_header() -> RequestHeader {
+        RequestHeader {
+            flags: 0,
+            command: CMD_FLUSH,
+            cookie: 9,
+            offset: 0,
+            length: 0,
+        }
+    }
+
     #[test]
     fn request_golden_bytes_round_trip_with_payload() {
         // Pins the 28-byte request header and proves the payload is returned whole.
@@ -439,13 +449,7 @@ mod tests {
         // request (incl. an oversized WRITE, drained) exactly as decode does.
         let mut stream = BytesMut::new();
         encode_request(&write_header(5), b"hello", &mut stream);
-        let flush = RequestHeader {
-            flags: 0,
-            command: CMD_FLUSH,
-            cookie: 9,
-            offset: 0,
-            length: 0,
-        };
+        let flush = flush_header();
         flush.encode(&mut stream);
         let big = MAX_PAYLOAD_BYTES as usize + 1;
         encode_request(&write_header(big as u32), &vec![0xaa; big], &mut stream);
@@ -514,13 +518,7 @@ mod tests {
                 );
             }
         }
-        let flush = RequestHeader {
-            flags: 0,
-            command: CMD_FLUSH,
-            cookie: 9,
-            offset: 0,
-            length: 0,
-        };
+        let flush = flush_header();
         flush.encode(&mut buf);
         assert_eq!(
             dec.decode(&mut buf).unwrap(),

@@ -313,13 +313,8 @@ async fn bad_request_magic_closes_the_connection() {
     assert!(c.closed().await);
 }
 
-#[tokio::test]
-async fn truncated_write_applies_nothing_and_other_connections_are_unaffected() {
-    // Proves a client vanishing mid-payload writes nothing and another connection keeps working.
-    let target = Arc::new(MemTarget::new(SIZE));
-    let srv = TestServer::start(target.clone()).await;
-    let mut other = Client::connect(&srv.path, sr()).await;
-    let mut c = Client::connect(&srv.path, plain()).await;
+/// Sends an 8 KiB WRITE with only half its payload, then closes.
+async fn vanish_mid_write(mut c: Client) {
     let mut out = BytesMut::new();
     out.put_u32(REQUEST_MAGIC);
     out.put_u16(0);
@@ -329,7 +324,16 @@ async fn truncated_write_applies_nothing_and_other_connections_are_unaffected() 
     out.put_u32(8192);
     out.put_slice(&[0xffu8; 4096]);
     c.stream.write_all(&out).await.unwrap();
-    drop(c);
+}
+
+#[tokio::test]
+async fn truncated_write_applies_nothing_and_other_connections_are_unaffected() {
+    // Proves a client vanishing mid-payload writes nothing and another connection keeps working.
+    let target = Arc::new(MemTarget::new(SIZE));
+    let srv = TestServer::start(target.clone()).await;
+    let mut other = Client::connect(&srv.path, sr()).await;
+    let mut c = Client::connect(&srv.path, plain()).await;
+    vanish_mid_write(c).await;
     let r = other.call(CMD_READ, 0, 0, 8192, &[]).await;
     assert_eq!(r.data, vec![0u8; 8192]);
     assert_eq!(other.call(CMD_WRITE, 0, 0, 2, b"ok").await.error, 0);
@@ -667,16 +671,7 @@ async fn truncated_write_into_a_lent_buffer_applies_nothing() {
     });
     let srv = TestServer::start(target.clone()).await;
     let mut c = Client::connect(&srv.path, plain()).await;
-    let mut out = BytesMut::new();
-    out.put_u32(REQUEST_MAGIC);
-    out.put_u16(0);
-    out.put_u16(CMD_WRITE);
-    out.put_u64(1);
-    out.put_u64(0);
-    out.put_u32(8192);
-    out.put_slice(&[0xffu8; 4096]);
-    c.stream.write_all(&out).await.unwrap();
-    drop(c);
+    vanish_mid_write(c).await;
     let mut other = Client::connect(&srv.path, plain()).await;
     let r = other.call(CMD_READ, 0, 0, 8192, &[]).await;
     assert_eq!(r.data, vec![0u8; 8192]);
