@@ -57,7 +57,8 @@ pub enum Protocol {
 /// Which disk engine does the I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoEngineKind {
-    /// io_uring on its own thread; falls back to `Sync` if the ring cannot be set up.
+    /// io_uring, driven from the daemon's runtime thread; falls back to
+    /// `Sync` if the ring cannot be set up.
     Uring,
     /// pread/pwrite on tokio's blocking pool.
     Sync,
@@ -433,6 +434,31 @@ impl Parser<'_> {
         }
     }
 
+    /// An integer key that must lie in `range` (`unit` follows the range
+    /// in the error, e.g. " milliseconds").
+    fn int_in(
+        &self,
+        prefix: &str,
+        t: &Table,
+        key: &str,
+        range: std::ops::RangeInclusive<u64>,
+        unit: &str,
+    ) -> Result<Option<u64>, ConfigError> {
+        let Some(v) = self.int(prefix, t, key)? else {
+            return Ok(None);
+        };
+        match u64::try_from(v) {
+            Ok(u) if range.contains(&u) => Ok(Some(u)),
+            _ => Err(self.err(
+                join(prefix, key),
+                Problem::OutOfRange {
+                    value: v,
+                    range: format!("{}..={}{unit}", range.start(), range.end()),
+                },
+            )),
+        }
+    }
+
     fn choice<T: Copy>(
         &self,
         prefix: &str,
@@ -683,17 +709,8 @@ impl Parser<'_> {
             }
             o.bitmap_block_bytes = v as u64;
         }
-        if let Some(v) = self.int(prefix, t, "al_extents")? {
-            let in_range = u32::try_from(v).is_ok_and(|v| AL_EXTENTS_RANGE.contains(&v));
-            if !in_range {
-                return Err(self.err(
-                    join(prefix, "al_extents"),
-                    Problem::OutOfRange {
-                        value: v,
-                        range: format!("{}..={}", AL_EXTENTS_RANGE.start(), AL_EXTENTS_RANGE.end()),
-                    },
-                ));
-            }
+        let al = u64::from(*AL_EXTENTS_RANGE.start())..=u64::from(*AL_EXTENTS_RANGE.end());
+        if let Some(v) = self.int_in(prefix, t, "al_extents", al, "")? {
             o.al_extents = v as u32;
         }
         if let Some(v) = t.get("resync_rate") {
@@ -750,34 +767,18 @@ impl Parser<'_> {
         if let Some(v) = self.bool(prefix, t, "read_only")? {
             o.read_only = v;
         }
-        if let Some(v) = self.int(prefix, t, "timeout_ms")? {
-            if !u64::try_from(v).is_ok_and(|v| PEER_TIMEOUT_MS_RANGE.contains(&v)) {
-                return Err(self.err(
-                    join(prefix, "timeout_ms"),
-                    Problem::OutOfRange {
-                        value: v,
-                        range: format!(
-                            "{}..={} milliseconds",
-                            PEER_TIMEOUT_MS_RANGE.start(),
-                            PEER_TIMEOUT_MS_RANGE.end()
-                        ),
-                    },
-                ));
-            }
-            o.peer_timeout_ms = v as u64;
+        if let Some(v) = self.int_in(
+            prefix,
+            t,
+            "timeout_ms",
+            PEER_TIMEOUT_MS_RANGE,
+            " milliseconds",
+        )? {
+            o.peer_timeout_ms = v;
         }
-        if let Some(v) = self.int(prefix, t, "busy_poll_us")? {
-            let range = crate::busy_poll::BUSY_POLL_US_RANGE;
-            if !u64::try_from(v).is_ok_and(|v| range.contains(&v)) {
-                return Err(self.err(
-                    join(prefix, "busy_poll_us"),
-                    Problem::OutOfRange {
-                        value: v,
-                        range: format!("{}..={} microseconds", range.start(), range.end()),
-                    },
-                ));
-            }
-            o.busy_poll_us = v as u64;
+        let busy = crate::busy_poll::BUSY_POLL_US_RANGE;
+        if let Some(v) = self.int_in(prefix, t, "busy_poll_us", busy, " microseconds")? {
+            o.busy_poll_us = v;
         }
         Ok(o)
     }

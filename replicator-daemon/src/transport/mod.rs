@@ -442,8 +442,7 @@ async fn read_loop(
                         // A whole frame is copied out, so `buf` keeps its
                         // memory for the next read: split off, every read
                         // would need a fresh 256 KiB buffer (an mmap, page
-                        // faults and a munmap per frame with O_DIRECT's
-                        // malloc tuning).
+                        // faults and a munmap per frame).
                         let mut frame = BytesMut::from(&buf[..sh.frame_bytes]);
                         buf.advance(sh.frame_bytes);
                         decoder.decode(&mut frame)
