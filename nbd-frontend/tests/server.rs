@@ -332,7 +332,7 @@ async fn truncated_write_applies_nothing_and_other_connections_are_unaffected() 
     let target = Arc::new(MemTarget::new(SIZE));
     let srv = TestServer::start(target.clone()).await;
     let mut other = Client::connect(&srv.path, sr()).await;
-    let mut c = Client::connect(&srv.path, plain()).await;
+    let c = Client::connect(&srv.path, plain()).await;
     vanish_mid_write(c).await;
     let r = other.call(CMD_READ, 0, 0, 8192, &[]).await;
     assert_eq!(r.data, vec![0u8; 8192]);
@@ -670,7 +670,7 @@ async fn truncated_write_into_a_lent_buffer_applies_nothing() {
         lent: Default::default(),
     });
     let srv = TestServer::start(target.clone()).await;
-    let mut c = Client::connect(&srv.path, plain()).await;
+    let c = Client::connect(&srv.path, plain()).await;
     vanish_mid_write(c).await;
     let mut other = Client::connect(&srv.path, plain()).await;
     let r = other.call(CMD_READ, 0, 0, 8192, &[]).await;
