@@ -31,7 +31,7 @@ use crate::negotiate::{ExportInfo, Negotiation, SessionParams, Step};
 use crate::proto::{ESHUTDOWN, MAX_PAYLOAD_BYTES};
 use crate::target::{BlockTarget, PayloadBuf};
 use crate::transmission::{Head, Incoming, RequestDecoder, TransmissionError};
-use crate::vectored::write_all_slices;
+use crate::vectored::write_in_turns;
 
 /// Requests of one connection being executed or waiting to send their reply.
 pub const MAX_IN_FLIGHT_REQUESTS_PER_CONN: usize = 64;
@@ -329,6 +329,9 @@ struct Queued {
 
 /// Replies written by one (vectored) write call at most.
 const MAX_REPLIES_PER_WRITE: usize = 64;
+/// Reply bytes handed to one write call at most before the writer lets the
+/// connection's other tasks run.
+const WRITE_TURN_BYTES: usize = 1024 * 1024;
 
 /// Writes the queued replies of one connection, whole and one after the
 /// other, until the queue closes (then shuts the stream down) or a write
@@ -389,7 +392,7 @@ async fn write_batch<S: AsyncWrite>(
         .iter()
         .map(|(r, data)| data.map_or(&buf[r.clone()], |d| &d[..]))
         .collect();
-    write_all_slices(w, &parts).await
+    write_in_turns(w, &parts, WRITE_TURN_BYTES).await
 }
 
 /// Payload cost of a request in the byte budget, in KiB (rounded up):
@@ -702,6 +705,29 @@ mod tests {
             1,
             "one write for the batch and the large data"
         );
+        assert_eq!(writes.concat(), expected);
+    }
+
+    #[tokio::test]
+    async fn large_read_replies_go_out_in_turns() {
+        // Proves a batch of large replies is written at most
+        // WRITE_TURN_BYTES per call (so the connection's request tasks can
+        // submit their disk reads in between), whole and in order.
+        let rec = Recorder::new(usize::MAX);
+        let (_r, w) = tokio::io::split(rec.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (broken, _broken_rx) = watch::channel(false);
+        let mut expected = Vec::new();
+        for tag in 0..3u8 {
+            let q = reply(tag, 1 << 20);
+            expected.extend_from_slice(&q.out.to_bytes());
+            tx.send(q).unwrap();
+        }
+        drop(tx);
+        reply_writer(w, rx, Arc::new(broken)).await;
+        let writes = rec.written();
+        assert!(writes.iter().all(|c| c.len() <= WRITE_TURN_BYTES));
+        assert_eq!(writes.len(), expected.len().div_ceil(WRITE_TURN_BYTES));
         assert_eq!(writes.concat(), expected);
     }
 }

@@ -18,7 +18,18 @@ pub async fn write_all_slices<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     parts: &[&[u8]],
 ) -> io::Result<()> {
+    write_in_turns(w, parts, usize::MAX).await
+}
+
+/// [`write_all_slices`], handing at most `turn_bytes` to one write call and
+/// letting the runtime's other ready tasks run between two calls.
+pub async fn write_in_turns<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    parts: &[&[u8]],
+    turn_bytes: usize,
+) -> io::Result<()> {
     let (mut next, mut skip) = (0usize, 0usize);
+    let mut first = true;
     let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOVECS.min(parts.len()));
     loop {
         // Past what was written and any empty parts.
@@ -29,15 +40,23 @@ pub async fn write_all_slices<W: AsyncWrite + Unpin + ?Sized>(
         if next == parts.len() {
             return Ok(());
         }
+        if !first && turn_bytes != usize::MAX {
+            tokio::task::yield_now().await;
+        }
+        first = false;
         iov.clear();
-        iov.push(IoSlice::new(&parts[next][skip..]));
-        iov.extend(
-            parts[next + 1..]
-                .iter()
-                .filter(|p| !p.is_empty())
-                .take(MAX_IOVECS - 1)
-                .map(|p| IoSlice::new(p)),
-        );
+        let mut room = turn_bytes;
+        for p in std::iter::once(&parts[next][skip..])
+            .chain(parts[next + 1..].iter().copied().filter(|p| !p.is_empty()))
+            .take(MAX_IOVECS)
+        {
+            if room == 0 {
+                break;
+            }
+            let take = p.len().min(room);
+            iov.push(IoSlice::new(&p[..take]));
+            room -= take;
+        }
         let mut n = w.write_vectored(&iov).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
@@ -166,5 +185,36 @@ mod tests {
         let mut w = Recorder::new(8);
         write_all_slices(&mut w, &[&[], &[]]).await.unwrap();
         assert!(w.written().is_empty());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn turns_cap_each_call_and_let_other_tasks_run_between_them() {
+        // Proves write_in_turns hands at most turn_bytes to a call, still
+        // writes every byte in order, and yields between calls: a task
+        // that became ready before the write runs before its second call.
+        let owned: Vec<Vec<u8>> = (0..40u32).map(|i| vec![i as u8; 97 + i as usize]).collect();
+        let parts: Vec<&[u8]> = owned.iter().map(|v| &v[..]).collect();
+        let want = owned.concat();
+        let mut w = Recorder::new(usize::MAX);
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let other = tokio::spawn({
+            let ran = ran.clone();
+            let writes = w.writes.clone();
+            async move {
+                ran.store(true, std::sync::atomic::Ordering::SeqCst);
+                writes.lock().unwrap().len()
+            }
+        });
+        write_in_turns(&mut w, &parts, 1000).await.unwrap();
+        let calls = w.written();
+        assert_eq!(calls.concat(), want);
+        assert!(calls.iter().all(|c| c.len() <= 1000));
+        assert_eq!(calls.len(), want.len().div_ceil(1000), "full turns");
+        assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(
+            other.await.unwrap(),
+            1,
+            "the other task ran after the first call"
+        );
     }
 }
