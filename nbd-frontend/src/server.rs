@@ -685,17 +685,29 @@ mod tests {
         }
     }
 
+    /// Queues `replies` before the writer starts, runs it over `rec` until
+    /// the queue closes, and returns the bytes the replies should make.
+    async fn write_queued(replies: Vec<Queued>, rec: &Recorder) -> Vec<u8> {
+        let (_r, w) = tokio::io::split(rec.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (broken, _broken_rx) = watch::channel(false);
+        let mut expected = Vec::new();
+        for q in replies {
+            expected.extend_from_slice(&q.out.to_bytes());
+            tx.send(q).unwrap();
+        }
+        drop(tx);
+        reply_writer(w, rx, Arc::new(broken)).await;
+        expected
+    }
+
     #[tokio::test]
     async fn replies_queued_together_are_written_together_in_order() {
         // Proves reply batching: 33 replies queued before the writer runs
         // go out in one (vectored) write per turn of REPLIES_PER_TURN,
         // whole and in queue order, a large read's data included; every
         // piece of a fragmented reply goes out, in order.
-        let rec = Recorder::new(usize::MAX);
-        let (_r, w) = tokio::io::split(rec.clone());
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (broken, _broken_rx) = watch::channel(false);
-        let mut expected = Vec::new();
+        let mut queued = Vec::new();
         for tag in 0..32u8 {
             let mut q = reply(tag, if tag % 2 == 0 { 0 } else { 4096 });
             if tag == 7 {
@@ -707,19 +719,16 @@ mod tests {
                     ),
                 ];
             }
-            expected.extend_from_slice(&q.out.to_bytes());
-            tx.send(q).unwrap();
+            queued.push(q);
         }
-        let big = reply(99, COALESCE_REPLY_BYTES + 1);
-        expected.extend_from_slice(&big.out.to_bytes());
-        tx.send(big).unwrap();
-        drop(tx);
+        queued.push(reply(99, COALESCE_REPLY_BYTES + 1));
+        let rec = Recorder::new(usize::MAX);
         // A task ready before the writer starts runs between its turns.
         let between = tokio::spawn({
             let writes = rec.writes.clone();
             async move { writes.lock().unwrap().len() }
         });
-        reply_writer(w, rx, Arc::new(broken)).await;
+        let expected = write_queued(queued, &rec).await;
         assert_eq!(between.await.unwrap(), 1, "ran after the first turn");
         let writes = rec.written();
         // 33 replies: turns of 16, 16 and 1, the large data in the last.
@@ -753,17 +762,7 @@ mod tests {
         // WRITE_TURN_BYTES per call (so the connection's request tasks can
         // submit their disk reads in between), whole and in order.
         let rec = Recorder::new(usize::MAX);
-        let (_r, w) = tokio::io::split(rec.clone());
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (broken, _broken_rx) = watch::channel(false);
-        let mut expected = Vec::new();
-        for tag in 0..3u8 {
-            let q = reply(tag, 1 << 20);
-            expected.extend_from_slice(&q.out.to_bytes());
-            tx.send(q).unwrap();
-        }
-        drop(tx);
-        reply_writer(w, rx, Arc::new(broken)).await;
+        let expected = write_queued((0..3u8).map(|tag| reply(tag, 1 << 20)).collect(), &rec).await;
         let writes = rec.written();
         assert!(writes.iter().all(|c| c.len() <= WRITE_TURN_BYTES));
         assert_eq!(writes.len(), expected.len().div_ceil(WRITE_TURN_BYTES));
