@@ -22,7 +22,12 @@ fn run_case(export: &mut Export, case: &str) {
 }
 
 fn case_on_fresh_export(case: &str) {
-    let mut export = Export::start_default();
+    case_on_export(ExportSpec::default(), case);
+}
+
+/// Runs one nbd_cases.py case against a fresh export started from `spec`.
+fn case_on_export(spec: ExportSpec, case: &str) {
+    let mut export = Export::start(spec);
     run_case(&mut export, case);
 }
 
@@ -77,11 +82,13 @@ fn zero_length_requests_are_answered_without_disconnect() {
 #[test]
 fn writes_on_read_only_export_fail_with_eperm() {
     // Proves WRITE, TRIM and WRITE_ZEROES on a read_only = true export get EPERM.
-    let mut export = Export::start(ExportSpec {
-        read_only: true,
-        ..ExportSpec::default()
-    });
-    run_case(&mut export, "write_on_read_only_eperm");
+    case_on_export(
+        ExportSpec {
+            read_only: true,
+            ..ExportSpec::default()
+        },
+        "write_on_read_only_eperm",
+    );
 }
 
 #[test]
@@ -132,11 +139,13 @@ fn sparse_reads_send_holes_as_offset_hole_chunks_unless_df() {
 fn sparse_reads_over_o_direct_send_holes_too() {
     // Proves the same over an O_DIRECT backing file (aligned reads of the
     // data pieces, holes found through the same file).
-    let mut export = Export::start(ExportSpec {
-        direct: true,
-        ..ExportSpec::default()
-    });
-    run_case(&mut export, "sparse_read_sends_holes_as_offset_hole");
+    case_on_export(
+        ExportSpec {
+            direct: true,
+            ..ExportSpec::default()
+        },
+        "sparse_read_sends_holes_as_offset_hole",
+    );
 }
 
 #[test]

@@ -720,13 +720,18 @@ mod tests {
         let t = crate::mem::MemTarget::with_flags(1 << 20, flags());
         let bs = crate::mem::MEM_BLOCK_BYTES;
         run(t.write(bs, Bytes::from(vec![0xab; bs as usize]), false)).unwrap();
-        let h = hdr(CMD_READ, 0, 0, 3 * bs as u32);
-        let out = run(execute(
-            &t,
-            &h,
-            &params(true, false),
-            read_cmd(0, 3 * bs as u32, false),
-        ));
+        // The three blocks, DF or not, structured replies or simple.
+        let read3 = |df: bool, structured: bool| {
+            let flags = if df { CMD_FLAG_DF } else { 0 };
+            let h = hdr(CMD_READ, flags, 0, 3 * bs as u32);
+            run(execute(
+                &t,
+                &h,
+                &params(structured, false),
+                read_cmd(0, 3 * bs as u32, df),
+            ))
+        };
+        let out = read3(false, true);
         let mut want = BytesMut::new();
         encode_offset_hole(1, 0, 0, bs as u32, &mut want);
         encode_offset_data_header(1, 0, bs, bs as u32, &mut want);
@@ -748,21 +753,10 @@ mod tests {
                 0, 0, 0x10, 0, // hole length
             ][..]
         );
-        let df = hdr(CMD_READ, CMD_FLAG_DF, 0, 3 * bs as u32);
-        let out = run(execute(
-            &t,
-            &df,
-            &params(true, false),
-            read_cmd(0, 3 * bs as u32, true),
-        ));
+        let out = read3(true, true);
         assert!(out.more.is_empty(), "DF reply fragmented");
         assert_eq!(out.data.len(), 3 * bs as usize);
-        let out = run(execute(
-            &t,
-            &h,
-            &params(false, false),
-            read_cmd(0, 3 * bs as u32, false),
-        ));
+        let out = read3(false, false);
         assert!(out.more.is_empty(), "simple reply fragmented");
         assert_eq!(out.head.len(), SIMPLE_REPLY_HEADER_BYTES);
     }
