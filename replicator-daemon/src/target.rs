@@ -18,7 +18,7 @@ use nbd_frontend::{BlockTarget, Extent, PayloadBuf, ReadPiece, TargetError, Targ
 
 use crate::busy_poll::BusyPoll;
 use crate::disk::aligned::{BufPool, PoolBuf};
-use crate::disk::{DiskEngine, DiskError, DiskExtent};
+use crate::disk::{DiskEngine, DiskError};
 
 /// Smallest structured read whose holes are looked for (and sent as
 /// OFFSET_HOLE chunks). Measured: at 4 KiB random reads, depth 32, the
@@ -279,20 +279,16 @@ impl<E: DiskEngine> BlockTarget for LocalTarget<E> {
             .block_status(offset, len_bytes)
             .await
             .map_err(target_err)?;
-        Ok(wire_extents(extents))
+        // A hole of a file reads as zeroes.
+        Ok(extents
+            .into_iter()
+            .map(|e| Extent {
+                length_bytes: e.length_bytes,
+                hole: e.hole,
+                zero: e.hole,
+            })
+            .collect())
     }
-}
-
-/// Disk extents as the server's: a hole of a file reads as zeroes.
-fn wire_extents(extents: Vec<DiskExtent>) -> Vec<Extent> {
-    extents
-        .into_iter()
-        .map(|e| Extent {
-            length_bytes: e.length_bytes,
-            hole: e.hole,
-            zero: e.hole,
-        })
-        .collect()
 }
 
 #[cfg(test)]
