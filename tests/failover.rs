@@ -277,14 +277,7 @@ fn planned_switchover_moves_the_export_and_keeps_the_data() {
     assert_eq!(c.bravo().status()["role"], "Secondary");
     common::cluster::qemu_io(&c.alpha().uri(), &["write -P 0x5e 1M 1M", "flush"]);
     c.alpha().replctl_ok(&["secondary"]);
-    let deadline = Instant::now() + STATE_TIMEOUT;
-    while c.alpha().serves_nbd() {
-        assert!(
-            Instant::now() < deadline,
-            "alpha still serves NBD as Secondary"
-        );
-        std::thread::sleep(LOG_POLL_INTERVAL);
-    }
+    wait_not_serving(c.alpha());
     c.bravo()
         .wait_status("sees alpha Secondary", STATE_TIMEOUT, |s| {
             s["peer_role"] == "Secondary"
@@ -301,6 +294,57 @@ fn planned_switchover_moves_the_export_and_keeps_the_data() {
         vec![0x6f; 65536],
         "bravo's write did not reach alpha"
     );
+    c.assert_replicas_identical();
+}
+
+/// Waits until `node` no longer answers the NBD greeting.
+fn wait_not_serving(node: &common::cluster::Node) {
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while node.serves_nbd() {
+        assert!(
+            Instant::now() < deadline,
+            "{} still serves NBD as Secondary",
+            node.name
+        );
+        std::thread::sleep(LOG_POLL_INTERVAL);
+    }
+}
+
+#[test]
+fn socket_activated_exports_follow_the_role_across_promotions() {
+    // Proves that a node started by systemd socket activation serves its
+    // export on the passed socket whenever it is Primary, and only then:
+    // demoted, it stops answering on it (the socket stays open for the next
+    // promotion); promoted again, it serves on the same socket. Alpha
+    // serves, hands over to bravo, and takes the export back.
+    let c = Cluster::up(ClusterSpec {
+        activated: true,
+        ..ClusterSpec::default()
+    });
+    assert!(!c.bravo().serves_nbd(), "a Secondary serves NBD");
+    assert_eq!(c.alpha().status()["nbd"], "socket activation");
+    let qemu_io = common::cluster::qemu_io;
+    qemu_io(&c.alpha().uri(), &["write -P 0x31 1M 64k", "flush"]);
+    for (from, to, pattern) in [(0, 1, 0x32), (1, 0, 0x33)] {
+        let (from, to) = (&c.nodes[from], &c.nodes[to]);
+        from.replctl_ok(&["secondary"]);
+        wait_not_serving(from);
+        to.wait_status("sees its peer Secondary", STATE_TIMEOUT, |s| {
+            s["peer_role"] == "Secondary"
+        });
+        to.replctl_ok(&["primary"]);
+        to.wait_nbd();
+        qemu_io(
+            &to.uri(),
+            &[
+                &format!("read -P {} 1M 64k", pattern - 1),
+                &format!("write -P {pattern} 1M 64k"),
+                "flush",
+            ],
+        );
+    }
+    c.wait_in_sync(RESYNC_TIMEOUT);
+    assert_eq!(c.bravo().read_data(1 << 20, 65536), vec![0x33; 65536]);
     c.assert_replicas_identical();
 }
 

@@ -14,6 +14,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -21,7 +22,10 @@ use std::time::{Duration, Instant};
 use replicator::fault_proxy::FaultProxy;
 use serde_json::Value;
 
-use super::{free_port, run_within, wait_with_deadline, EXPORT_NAME, SERVER_STOP_TIMEOUT};
+use super::{
+    free_port, run_within, wait_with_deadline, ACTIVATE_PY, EXPORT_NAME, PYTHON,
+    SERVER_STOP_TIMEOUT,
+};
 
 /// Node names, in the order the config lists them.
 pub const NODE_NAMES: [&str; 2] = ["alpha", "bravo"];
@@ -91,6 +95,10 @@ pub struct ClusterSpec {
     pub bravo_secret: Option<String>,
     pub bravo_resource: Option<String>,
     pub bravo_disk_bytes: Option<u64>,
+    /// Start each node as systemd would with socket activation: its NBD
+    /// socket (a Unix socket in the cluster directory) bound beforehand and
+    /// passed as fd 3, instead of the configured TCP address.
+    pub activated: bool,
 }
 
 impl Default for ClusterSpec {
@@ -106,6 +114,7 @@ impl Default for ClusterSpec {
             bravo_secret: None,
             bravo_resource: None,
             bravo_disk_bytes: None,
+            activated: false,
         }
     }
 }
@@ -119,6 +128,8 @@ pub struct Node {
     pub nbd_port: u16,
     pub repl_port: u16,
     pub resource: String,
+    /// The socket-activated NBD socket, when the node is started with one.
+    pub activated: Option<PathBuf>,
     dir: PathBuf,
     child: Option<Child>,
     starts: u32,
@@ -208,19 +219,36 @@ impl Node {
 
     /// The NBD URI of this node's export (served only while Primary).
     pub fn uri(&self) -> String {
-        format!("nbd://127.0.0.1:{}/{}", self.nbd_port, self.resource)
+        match &self.activated {
+            Some(path) => format!("nbd+unix:///{}?socket={}", self.resource, path.display()),
+            None => format!("nbd://127.0.0.1:{}/{}", self.nbd_port, self.resource),
+        }
     }
 
-    /// Whether something answers the NBD greeting on the export port.
+    /// Whether something answers the NBD greeting on the export's socket.
+    /// (A socket-activated socket accepts connections even while nothing
+    /// serves them; only the greeting tells.)
     pub fn serves_nbd(&self) -> bool {
-        let mut magic = [0u8; 8];
-        TcpStream::connect(("127.0.0.1", self.nbd_port))
-            .and_then(|mut s| {
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                s.read_exact(&mut magic)
-            })
-            .is_ok()
-            && &magic == b"NBDMAGIC"
+        fn greets(mut s: impl Read) -> std::io::Result<bool> {
+            let mut magic = [0u8; 8];
+            s.read_exact(&mut magic)?;
+            Ok(&magic == b"NBDMAGIC")
+        }
+        let timeout = Some(Duration::from_secs(2));
+        match &self.activated {
+            Some(path) => UnixStream::connect(path)
+                .and_then(|s| {
+                    s.set_read_timeout(timeout)?;
+                    greets(s)
+                })
+                .unwrap_or(false),
+            None => TcpStream::connect(("127.0.0.1", self.nbd_port))
+                .and_then(|s| {
+                    s.set_read_timeout(timeout)?;
+                    greets(s)
+                })
+                .unwrap_or(false),
+        }
     }
 
     /// Polls until the export answers NBD.
@@ -229,9 +257,9 @@ impl Node {
         while !self.serves_nbd() {
             assert!(
                 Instant::now() < deadline,
-                "{} does not serve NBD on port {} within {STATE_TIMEOUT:?}\n{}",
+                "{} does not serve NBD at {} within {STATE_TIMEOUT:?}\n{}",
                 self.name,
-                self.nbd_port,
+                self.uri(),
                 self.log()
             );
             std::thread::sleep(STATUS_POLL_INTERVAL);
@@ -265,7 +293,20 @@ impl Node {
         assert!(self.child.is_none(), "{} already running", self.name);
         self.starts += 1;
         let log = File::create(self.log_path(self.starts)).expect("create daemon log");
-        let child = Command::new(program("replicatord"))
+        let mut cmd = match &self.activated {
+            Some(path) => {
+                // The wrapper binds the socket (a stale one from the last
+                // start would make that fail), then execs the daemon.
+                let _ = std::fs::remove_file(path);
+                let mut c = Command::new(PYTHON);
+                c.args(["-c", ACTIVATE_PY])
+                    .arg(path)
+                    .arg(program("replicatord"));
+                c
+            }
+            None => Command::new(program("replicatord")),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .args(["--node", self.name])
@@ -481,6 +522,7 @@ impl Cluster {
                 nbd_port: nbd_ports[i],
                 repl_port: repl_ports[i],
                 resource,
+                activated: spec.activated.then(|| d.join(format!("{name}-nbd.sock"))),
                 dir: d.to_path_buf(),
                 child: None,
                 starts: 0,

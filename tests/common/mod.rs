@@ -74,7 +74,7 @@ pub enum Listen {
 
 /// Binds argv[1] as a Unix socket, puts it on fd 3, sets LISTEN_FDS and
 /// LISTEN_PID to its own pid, and execs argv[2..] (which keeps the pid).
-const ACTIVATE_PY: &str = r#"
+pub const ACTIVATE_PY: &str = r#"
 import os, socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.bind(sys.argv[1])
