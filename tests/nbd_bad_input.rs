@@ -1,14 +1,40 @@
 //! Bad input from NBD clients (reference/nbd-protocol.md §1.8), driven by
 //! libnbd in Python with strict mode off, and by a raw-socket client for what
 //! libnbd refuses to send. Each test runs one case of
-//! tests/scripts/nbd_cases.py against a fresh export.
+//! tests/scripts/nbd_cases.py against a fresh export; one test runs them all
+//! in turn against the primary of a replicated pair.
 #![forbid(unsafe_code)]
 
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
+use common::cluster::{Cluster, ClusterSpec};
 use common::{Export, ExportSpec, PYTHON};
+
+/// The pair gets this long to be in sync again after the cases.
+const PAIR_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Cases that do not apply to a replicated export, and why.
+const NOT_FOR_REPLICATED: [(&str, &str); 4] = [
+    (
+        "write_on_read_only_eperm",
+        "needs a read-only export; the pair is read-write",
+    ),
+    (
+        "sparse_read_sends_holes_as_offset_hole",
+        "the replicated export sends reads as data: the replicas may allocate differently",
+    ),
+    (
+        "cache_is_advertised_and_changes_nothing",
+        "the replicated export does not advertise CACHE",
+    ),
+    (
+        "fast_zero_is_fast_or_enotsup",
+        "the replicated export does not advertise FAST_ZERO: zeroing is mirrored like a write",
+    ),
+];
 
 /// Runs one case of nbd_cases.py against `export`; panics with its output
 /// (and the server's log, via the export's drop) if the case fails.
@@ -221,4 +247,53 @@ fn abort_option_is_acknowledged_and_closed() {
 fn disc_after_pipelined_writes_answers_and_applies_them_all() {
     // Proves NBD_CMD_DISC sent behind 8 unanswered writes lets all of them land before the close (replies, if sent, are successes).
     case_on_fresh_export("disc_after_pipelined_writes_applies_them");
+}
+
+#[test]
+fn replicated_export_answers_bad_input_like_the_one_node_export() {
+    // Proves invariant 7 on the export users run: every case of
+    // nbd_cases.py that applies to a replicated export (out-of-range
+    // requests, unknown flags and options, oversized and truncated writes,
+    // bad magic, abrupt disconnects, multi-conn flush), run in turn against
+    // the primary of a connected pair, gets the spec's answer; afterwards
+    // both daemons run, neither logged a panic, the pair is still connected
+    // and in sync, and the two replicas are byte-identical.
+    common::require_python_nbd();
+    let script = common::tests_path("scripts/nbd_cases.py");
+    let listed = common::run_ok(Command::new(PYTHON).arg(&script).arg("--list"));
+    let cases: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    for (name, _) in NOT_FOR_REPLICATED {
+        assert!(
+            cases.iter().any(|c| c == name),
+            "{name} is excluded for the replicated export but is not a case: {cases:?}"
+        );
+    }
+    let mut c = Cluster::up(ClusterSpec::default());
+    let uri = c.alpha().uri();
+    let mut ran = 0;
+    for case in &cases {
+        if let Some((_, why)) = NOT_FOR_REPLICATED.iter().find(|(name, _)| name == case) {
+            eprintln!("not run on the replicated export: {case} ({why})");
+            continue;
+        }
+        common::run_ok(Command::new(PYTHON).arg(&script).arg(case).arg(&uri));
+        ran += 1;
+        for node in c.nodes.iter_mut() {
+            assert!(
+                node.is_running(),
+                "{} exited during case {case}\n{}",
+                node.name,
+                node.log()
+            );
+        }
+    }
+    assert!(ran >= 20, "only {ran} cases ran: {cases:?}");
+    for node in &c.nodes {
+        node.assert_no_panic_logged();
+    }
+    c.wait_in_sync(PAIR_SYNC_TIMEOUT);
+    c.assert_replicas_identical();
 }

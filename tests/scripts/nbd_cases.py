@@ -616,8 +616,12 @@ CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.start
 
 
 def main():
+    if sys.argv[1:] == ["--list"]:
+        print("\n".join(sorted(CASES)))
+        return 0
     if len(sys.argv) != 3 or sys.argv[1] not in CASES:
-        sys.stderr.write("usage: %s CASE URI\ncases: %s\n" % (sys.argv[0], " ".join(sorted(CASES))))
+        sys.stderr.write("usage: %s CASE URI | --list\ncases: %s\n"
+                         % (sys.argv[0], " ".join(sorted(CASES))))
         return 2
     CASES[sys.argv[1]](sys.argv[2])
     print("ok", sys.argv[1])
