@@ -124,6 +124,12 @@ pub fn validate(
         ));
     }
     let t = p.target_flags;
+    // Read-only first: a read-only export need not advertise TRIM or
+    // WRITE_ZEROES, and the reason they fail there is that it is read-only.
+    let writes = matches!(h.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && t.read_only {
+        return Err(reject(EPERM, format!("{name} on a read-only export")));
+    }
     let unsupported = match h.command {
         CMD_TRIM => !t.can_trim,
         CMD_WRITE_ZEROES => !t.can_zero,
@@ -143,10 +149,6 @@ pub fn validate(
             return Err(reject(EINVAL, "FLUSH must have offset and length 0"));
         }
         return Ok(Command::Flush);
-    }
-    let writes = matches!(h.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-    if writes && t.read_only {
-        return Err(reject(EPERM, format!("{name} on a read-only export")));
     }
     if h.command == CMD_READ && h.length > MAX_PAYLOAD_BYTES {
         return Err(reject(
@@ -605,6 +607,13 @@ mod tests {
         );
         let mut ro = params(true, true);
         ro.target_flags.read_only = true;
+        for cmd in [CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES] {
+            assert_eq!(errno(hdr(cmd, 0, 0, 1), &ro), EPERM);
+        }
+        // A read-only export that advertises neither TRIM nor WRITE_ZEROES
+        // (the replicated one) still answers them EPERM, not EINVAL.
+        ro.target_flags.can_trim = false;
+        ro.target_flags.can_zero = false;
         for cmd in [CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES] {
             assert_eq!(errno(hdr(cmd, 0, 0, 1), &ro), EPERM);
         }
