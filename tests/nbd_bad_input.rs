@@ -20,7 +20,7 @@ const PAIR_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 const NOT_FOR_REPLICATED: [(&str, &str); 4] = [
     (
         "write_on_read_only_eperm",
-        "needs a read-only export; the pair is read-write",
+        "needs a read-only export (replicated_read_only_export_refuses_writes_with_eperm)",
     ),
     (
         "sparse_read_sends_holes_as_offset_hole",
@@ -295,5 +295,38 @@ fn replicated_export_answers_bad_input_like_the_one_node_export() {
         node.assert_no_panic_logged();
     }
     c.wait_in_sync(PAIR_SYNC_TIMEOUT);
+    c.assert_replicas_identical();
+}
+
+#[test]
+fn replicated_read_only_export_refuses_writes_with_eperm() {
+    // Proves a pair with read_only = true advertises its export read-only
+    // on the primary and answers WRITE, TRIM and WRITE_ZEROES with EPERM,
+    // changing nothing on either replica.
+    common::require_python_nbd();
+    let c = Cluster::up(ClusterSpec {
+        read_only: true,
+        ..ClusterSpec::default()
+    });
+    let script = common::tests_path("scripts/nbd_cases.py");
+    common::run_ok(
+        Command::new(PYTHON)
+            .arg(script)
+            .arg("write_on_read_only_eperm")
+            .arg(c.alpha().uri()),
+    );
+    for node in &c.nodes {
+        node.assert_no_panic_logged();
+        assert_eq!(node.status()["out_of_sync_bytes"], 0, "{}", node.name);
+    }
+    let zeroes = vec![0u8; 1 << 20];
+    for node in &c.nodes {
+        assert_eq!(
+            node.read_data(0, 1 << 20),
+            zeroes,
+            "{}'s first MiB changed under a read-only export",
+            node.name
+        );
+    }
     c.assert_replicas_identical();
 }

@@ -99,6 +99,8 @@ pub struct ClusterSpec {
     /// socket (a Unix socket in the cluster directory) bound beforehand and
     /// passed as fd 3, instead of the configured TCP address.
     pub activated: bool,
+    /// `read_only = true`: the primary's export refuses writes.
+    pub read_only: bool,
 }
 
 impl Default for ClusterSpec {
@@ -115,6 +117,7 @@ impl Default for ClusterSpec {
             bravo_resource: None,
             bravo_disk_bytes: None,
             activated: false,
+            read_only: false,
         }
     }
 }
@@ -495,6 +498,9 @@ impl Cluster {
             );
             if let Some(t) = spec.timeout_ms {
                 text.push_str(&format!("timeout_ms = {t}\n"));
+            }
+            if spec.read_only {
+                text.push_str("read_only = true\n");
             }
             if let Some(r) = &spec.resync_rate {
                 text.push_str(&format!("resync_rate = \"{r}\"\n"));
