@@ -1,6 +1,7 @@
 //! Two real `replicatord` processes replicating one resource over
 //! 127.0.0.1: fio with crc32c verify on the primary leaves byte-identical
-//! replicas; a `kill -9` of the secondary costs only an incremental resync
+//! replicas, and so do nbdcopy, qemu-io's zeroing and discards and qemu-img;
+//! a `kill -9` of the secondary costs only an incremental resync
 //! of what was written while it was away; a wrong secret, another resource
 //! name and a different disk size are refused with the reason in
 //! `replctl status --json`.
@@ -84,6 +85,73 @@ fn fio_verify_on_primary_leaves_identical_replicas_and_nothing_out_of_sync() {
         c.bravo().read_data(0, MIB as usize).iter().any(|&b| b != 0),
         "bravo holds no fio data"
     );
+    c.assert_replicas_identical();
+    c.alpha().assert_no_panic_logged();
+    c.bravo().assert_no_panic_logged();
+}
+
+#[test]
+fn real_clients_copy_zero_and_trim_on_the_primary_and_both_replicas_follow() {
+    // Proves the zeroing and trimming paths replicate with real clients:
+    // nbdcopy writes a random image (4 connections), qemu-io then writes
+    // with FUA, zeroes (WRITE_ZEROES, with and without NO_HOLE) and discards
+    // (TRIM) parts of it; the export reads back the expected image
+    // (nbdcopy out, cmp), qemu-img compares it equal, nothing is out of
+    // sync and the two replicas are byte-identical.
+    require_tool("nbdcopy", "libnbd-bin");
+    require_tool("qemu-img", "qemu-utils");
+    let c = Cluster::up(ClusterSpec {
+        direct: true,
+        allocated: true,
+        ..ClusterSpec::default()
+    });
+    let size = c.size_bytes();
+    let expected = c.dir().join("expected.img");
+    common::write_random_file(&expected, size, 0x2e91);
+    run_ok_within(
+        Command::new("nbdcopy")
+            .args(["--connections=4", "--flush"])
+            .arg(&expected)
+            .arg(c.alpha().uri()),
+        FIO_TIMEOUT,
+    );
+    qemu_io(
+        &c.alpha().uri(),
+        &[
+            "write -f -P 0x3c 5M 1M",
+            "write -z 8M 2M",
+            "write -z -u 12M 1M",
+            "discard 20M 3M",
+            "flush",
+        ],
+    );
+    // What the export must hold now (a discarded range reads as zeroes on
+    // these file-backed replicas: both punch a hole).
+    let mut image = std::fs::read(&expected).expect("read expected image");
+    let mib = MIB as usize;
+    image[5 * mib..6 * mib].fill(0x3c);
+    image[8 * mib..10 * mib].fill(0);
+    image[12 * mib..13 * mib].fill(0);
+    image[20 * mib..23 * mib].fill(0);
+    std::fs::write(&expected, &image).expect("write expected image");
+    let out = c.dir().join("out.img");
+    run_ok_within(
+        Command::new("nbdcopy").arg(c.alpha().uri()).arg(&out),
+        FIO_TIMEOUT,
+    );
+    common::assert_same_file(&expected, &out);
+    let compare = run_ok_within(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&expected)
+            .arg(c.alpha().uri()),
+        FIO_TIMEOUT,
+    );
+    assert!(
+        String::from_utf8_lossy(&compare.stdout).contains("identical"),
+        "{compare:?}"
+    );
+    c.wait_in_sync(RESYNC_TIMEOUT);
     c.assert_replicas_identical();
     c.alpha().assert_no_panic_logged();
     c.bravo().assert_no_panic_logged();
