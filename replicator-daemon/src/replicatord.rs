@@ -247,36 +247,12 @@ async fn listen(addr: &NbdAddress) -> Result<(Vec<Listener>, Option<PathBuf>), N
             Ok((vec![Listener::Tcp(l)], None))
         }
         NbdAddress::Unix(path) => {
-            remove_stale_socket(path).map_err(listen_err)?;
+            crate::node::nbd::remove_stale_socket(path).map_err(listen_err)?;
             let l = tokio::net::UnixListener::bind(path).map_err(listen_err)?;
             info!(path = %path.display(), "listening for NBD on a Unix socket");
             Ok((vec![Listener::Unix(l)], Some(path.clone())))
         }
     }
-}
-
-/// Removes a socket file left by a process that is gone; refuses to touch a
-/// live socket or anything that is not a socket.
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            "the path exists and is not a socket",
-        ));
-    }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            "another process is listening on this socket",
-        ));
-    }
-    std::fs::remove_file(path)
 }
 
 #[cfg(test)]

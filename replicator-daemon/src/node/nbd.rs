@@ -9,7 +9,7 @@
 //! does) nor decide roles (the loop does).
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -37,12 +37,7 @@ pub fn bind(addr: &NbdAddress) -> io::Result<(Listener, Option<PathBuf>)> {
             Ok((Listener::Tcp(tokio::net::TcpListener::from_std(l)?), None))
         }
         NbdAddress::Unix(path) => {
-            if std::fs::symlink_metadata(path).is_ok()
-                && std::os::unix::net::UnixStream::connect(path).is_err()
-            {
-                // A socket left by a process that is gone.
-                std::fs::remove_file(path)?;
-            }
+            remove_stale_socket(path)?;
             let l = std::os::unix::net::UnixListener::bind(path)?;
             l.set_nonblocking(true)?;
             Ok((
@@ -51,6 +46,30 @@ pub fn bind(addr: &NbdAddress) -> io::Result<(Listener, Option<PathBuf>)> {
             ))
         }
     }
+}
+
+/// Removes a socket file left by a process that is gone; refuses to touch a
+/// live socket or anything that is not a socket.
+pub fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the path exists and is not a socket",
+        ));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another process is listening on this socket",
+        ));
+    }
+    std::fs::remove_file(path)
 }
 
 /// A running export.

@@ -606,6 +606,37 @@ async fn paced_resync_reports_a_sane_rate_on_both_sides() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_leaves_a_file_at_the_nbd_path_alone_and_says_why() {
+    // Proves a promotion whose NBD Unix path holds something that is not a
+    // socket (a mistyped path in the config) is refused with the reason and
+    // deletes nothing; once the path is free the same promotion serves. A
+    // socket left by a dead process is still replaced.
+    let p = Pair::new();
+    let a = p.start("alpha").await;
+    let b = p.start("bravo").await;
+    established(&a).await;
+    ok(a.request(Request::NewCurrentUuid { clear_bitmap: true })
+        .await);
+    let path = p.dir.path().join("alpha.nbd");
+    std::fs::write(&path, b"precious").unwrap();
+    match a.request(Request::Primary { force: false }).await {
+        Response::Error(e) => assert!(e.contains("not a socket"), "{e}"),
+        r => panic!("promotion with a file at the NBD path: {r:?}"),
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    assert_eq!(a.status().await.unwrap().role, Role::Secondary);
+    std::fs::remove_file(&path).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    ok(a.request(Request::Primary { force: false }).await);
+    assert_eq!(a.status().await.unwrap().role, Role::Primary);
+    tokio::net::UnixStream::connect(&path).await.unwrap();
+    a.stop();
+    b.stop();
+    a.wait().await.unwrap();
+    b.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demotion_with_nbd_clients_needs_force_and_then_closes_them() {
     // Proves the export follows the role: promotion serves NBD on the
     // configured socket, demotion is refused while a client is connected,
