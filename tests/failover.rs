@@ -297,6 +297,38 @@ fn planned_switchover_moves_the_export_and_keeps_the_data() {
     c.assert_replicas_identical();
 }
 
+#[test]
+fn promotion_onto_a_taken_nbd_port_is_refused_with_the_reason_and_retried() {
+    // Proves a promotion whose NBD address is taken by another process fails
+    // with a sentence naming the address, leaves the node Secondary (the
+    // engine is not promoted without its export), and the same command
+    // succeeds once the address is free.
+    let c = Cluster::up(ClusterSpec::default());
+    c.alpha().replctl_ok(&["secondary"]);
+    wait_not_serving(c.alpha());
+    c.bravo()
+        .wait_status("sees alpha Secondary", STATE_TIMEOUT, |s| {
+            s["peer_role"] == "Secondary"
+        });
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", c.bravo().nbd_port))
+        .expect("take bravo's NBD port");
+    let out = c.bravo().replctl(&["primary"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "promotion onto a taken port: {text}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{}", c.bravo().nbd_port)),
+        "the refusal does not name the address: {text}"
+    );
+    assert_eq!(c.bravo().status()["role"], "Secondary");
+    drop(squatter);
+    c.bravo().replctl_ok(&["primary"]);
+    c.bravo().wait_nbd();
+    common::cluster::qemu_io(&c.bravo().uri(), &["write -P 0x44 0 64k", "flush"]);
+    c.wait_in_sync(RESYNC_TIMEOUT);
+    c.assert_replicas_identical();
+}
+
 /// Waits until `node` no longer answers the NBD greeting.
 fn wait_not_serving(node: &common::cluster::Node) {
     let deadline = Instant::now() + STATE_TIMEOUT;
