@@ -36,13 +36,19 @@ const NOT_FOR_REPLICATED: [(&str, &str); 4] = [
     ),
 ];
 
+/// Runs nbd_cases.py with `args` (a case and a URI, or `--list`); panics
+/// with its output if it fails.
+fn nbd_cases(args: &[&str]) -> std::process::Output {
+    common::require_python_nbd();
+    let script = common::tests_path("scripts/nbd_cases.py");
+    common::run_ok(Command::new(PYTHON).arg(script).args(args))
+}
+
 /// Runs one case of nbd_cases.py against `export`; panics with its output
 /// (and the server's log, via the export's drop) if the case fails.
 /// Afterwards the server must still run and must not have logged a panic.
 fn run_case(export: &mut Export, case: &str) {
-    common::require_python_nbd();
-    let script = common::tests_path("scripts/nbd_cases.py");
-    common::run_ok(Command::new(PYTHON).arg(script).arg(case).arg(export.uri()));
+    nbd_cases(&[case, &export.uri()]);
     export.assert_running();
     export.assert_no_panic_logged();
 }
@@ -258,9 +264,7 @@ fn replicated_export_answers_bad_input_like_the_one_node_export() {
     // the primary of a connected pair, gets the spec's answer; afterwards
     // both daemons run, neither logged a panic, the pair is still connected
     // and in sync, and the two replicas are byte-identical.
-    common::require_python_nbd();
-    let script = common::tests_path("scripts/nbd_cases.py");
-    let listed = common::run_ok(Command::new(PYTHON).arg(&script).arg("--list"));
+    let listed = nbd_cases(&["--list"]);
     let cases: Vec<String> = String::from_utf8_lossy(&listed.stdout)
         .lines()
         .map(str::to_string)
@@ -279,7 +283,7 @@ fn replicated_export_answers_bad_input_like_the_one_node_export() {
             eprintln!("not run on the replicated export: {case} ({why})");
             continue;
         }
-        common::run_ok(Command::new(PYTHON).arg(&script).arg(case).arg(&uri));
+        nbd_cases(&[case, &uri]);
         ran += 1;
         for node in c.nodes.iter_mut() {
             assert!(
@@ -303,18 +307,11 @@ fn replicated_read_only_export_refuses_writes_with_eperm() {
     // Proves a pair with read_only = true advertises its export read-only
     // on the primary and answers WRITE, TRIM and WRITE_ZEROES with EPERM,
     // changing nothing on either replica.
-    common::require_python_nbd();
     let c = Cluster::up(ClusterSpec {
         read_only: true,
         ..ClusterSpec::default()
     });
-    let script = common::tests_path("scripts/nbd_cases.py");
-    common::run_ok(
-        Command::new(PYTHON)
-            .arg(script)
-            .arg("write_on_read_only_eperm")
-            .arg(c.alpha().uri()),
-    );
+    nbd_cases(&["write_on_read_only_eperm", &c.alpha().uri()]);
     for node in &c.nodes {
         node.assert_no_panic_logged();
         assert_eq!(node.status()["out_of_sync_bytes"], 0, "{}", node.name);
