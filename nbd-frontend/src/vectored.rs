@@ -40,6 +40,7 @@ pub async fn write_in_turns<W: AsyncWrite + Unpin + ?Sized>(
         if next == parts.len() {
             return Ok(());
         }
+        // No turns asked for (write_all_slices): no yield either.
         if !first && turn_bytes != usize::MAX {
             tokio::task::yield_now().await;
         }
