@@ -7,7 +7,11 @@
 # --aio=io_uring, replicatord direct = true). All servers run side by side
 # and each workload runs on each of them in rotating order, so drifting
 # machine load hits all alike. Prints one table: workload, qemu-nbd, alone,
-# replicated, and the ratios to qemu-nbd.
+# replicated, and the ratios to qemu-nbd. Below it, the CPU each server
+# used per I/O in each job (user+system time of its processes, read from
+# /proc while fio measures; the pair's primary and secondary apart), fio's
+# own, and how busy the machine's CPUs were: whether a row was bound by
+# CPU or by waiting.
 #
 # On disk, also the raw disk: fio itself (io_uring, O_DIRECT) on a file in
 # the same directory as the backing files, same size, same 4k randwrite qd32
@@ -257,9 +261,35 @@ fio_job() {
             --name="$name-a" --filename="$a" --name="$name-b" --filename="$b" >/dev/null
         return
     fi
+    # The CPU the side's server(s) use while fio measures: from the end of
+    # the ramp second to the end of the job.
+    local window=""
+    if [ -n "${side_pids[$side]:-}" ]; then
+        (
+            sleep 1
+            cpu_ticks "$side" >"$work/$side-$name.cpu0"
+        ) &
+        window=$!
+    fi
     fio_on "$target" --name="$name" --size="${SIZE_MIB}m" \
         --time_based --runtime="$RUNTIME_S" --ramp_time=1 --norandommap \
         --output-format=json --output="$work/$side-$name.json" "$@" >/dev/null
+    if [ -n "$window" ]; then
+        wait "$window"
+        cpu_ticks "$side" >"$work/$side-$name.cpu1"
+    fi
+}
+
+# cpu_ticks SIDE: the machine's busy and total CPU ticks (/proc/stat: all
+# but idle and iowait), then the user+system ticks of each of the side's
+# server processes (all their threads), in side_pids order
+cpu_ticks() {
+    local pid line
+    line=$(awk '/^cpu / {t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t}' /proc/stat)
+    for pid in ${side_pids[$1]}; do
+        line="$line $(awk '{print $14 + $15}' "/proc/$pid/stat")"
+    done
+    echo "$line"
 }
 
 # The workloads of DESIGN.md section 6: name and fio arguments.
@@ -359,6 +389,62 @@ for name in raw:
     print("| %-36s | %10.1f | %10.1f | %10.1f | %12.2f | %10.1f | %12.2f | %13.2f | %8s |"
           % (name, r, half, two, float(base[name]) / half if half else nan, rep, ratio,
              rep / two if two else nan, "met" if ratio >= 0.9 else "not met"))
+PY
+}
+
+# cpu_table LABEL SIDE...: CPU time of the servers per I/O for every job,
+# from the windows fio_job kept, and how busy the machine was meanwhile
+cpu_table() {
+    local label=$1
+    shift
+    $PY - "$work" "$label" "$(getconf CLK_TCK)" "$OURS" "$@" <<'PY'
+import json, os, sys
+work, label, tck, ours_kind, sides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5:]
+names = {"base": "qemu-nbd", "ours": "alone" if ours_kind == "replicatord" else ours_kind,
+         "repl": "replicated"}
+jobs = ["lat", "rw32", "rr32", "sw", "sr", "fsync"]
+
+def window(side, job):
+    # (server us per I/O per process, machine busy share, fio us per I/O)
+    a, b = ("%s/%s-%s.cpu%d" % (work, side, job, i) for i in (0, 1))
+    if not (os.path.exists(a) and os.path.exists(b)):
+        return None
+    x, y = ([int(v) for v in open(f).read().split()] for f in (a, b))
+    d = [q - p for p, q in zip(x, y)]
+    with open("%s/%s-%s.json" % (work, side, job)) as f:
+        j = json.load(f)["jobs"][0]
+    ios = j["read"]["total_ios"] + j["write"]["total_ios"]
+    if not ios or not d[1]:
+        return None
+    per = [t * 1e6 / tck / ios for t in d[2:]]
+    fio = (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["job_runtime"] * 1e3 / ios
+    return per, d[0] / d[1], fio
+
+print("backing: %s; server CPU = user+system time of the server process(es) per I/O, in us"
+      " (replicated: primary + secondary); fio = the client's own; busy = share of all %d CPUs"
+      " not idle, kernel workers and interrupts included" % (label, os.cpu_count()))
+short = {"base": "qemu", "ours": "alone", "repl": "repl"}
+head = ["job"] + ["%s us/IO" % names[s] for s in sides] + \
+       ["fio us/IO (%s)" % "/".join(short[s] for s in sides)] + ["busy %s" % short[s] for s in sides]
+rows = []
+for job in jobs:
+    w = [window(s, job) for s in sides]
+    if all(x is None for x in w):
+        continue
+    cells = [job]
+    for x in w:
+        cells.append("-" if x is None else " + ".join("%.1f" % v for v in x[0]))
+    cells.append(" / ".join("-" if x is None else "%.1f" % x[2] for x in w))
+    for x in w:
+        cells.append("-" if x is None else "%.0f%%" % (100 * x[1]))
+    rows.append(cells)
+width = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+for r in [head, None] + rows:
+    if r is None:
+        print("|" + "|".join("-" * (x + 2) for x in width) + "|")
+    else:
+        print("| " + " | ".join(c.rjust(width[i]) if i else c.ljust(width[i])
+                                for i, c in enumerate(r)) + " |")
 PY
 }
 
@@ -493,6 +579,9 @@ bench_on() {
     echo "peak RSS (VmHWM) after the fio jobs, MiB:" \
         "$(printf '%s; ' "${rss_rows[@]}")(repl = primary + secondary)"
     echo
+    # shellcheck disable=SC2086 # sides is a list of words
+    cpu_table "$label" $sides
+    echo
     if [ $raw = 1 ]; then
         raw_table "$label"
         echo
@@ -507,7 +596,7 @@ bench_on() {
     for side in $kept; do
         cp "$work/$side.results" "$work/summary/$key-$side.results"
     done
-    rm -f "$work"/*.results "$work"/*.json "$dir"/*.img
+    rm -f "$work"/*.results "$work"/*.json "$work"/*.cpu[01] "$dir"/*.img
 }
 
 # resync_on KEY LABEL DIR DIRECT: time to resync RESYNC_MIB of out-of-sync
