@@ -690,6 +690,87 @@ fn resync_rate_limit_throttles_requests_and_sets_a_deadline() {
 }
 
 #[test]
+fn a_resumed_resync_does_not_catch_up_at_full_speed() {
+    use replicator_core::engine::{RESYNC_RATE_MAX_SAVED_NS, RESYNC_REQUEST_MAX_BYTES};
+    // resync_rate holds after a pause too: 10 s paused are not 10 s of rate
+    // to spend at once (at most RESYNC_RATE_MAX_SAVED_NS of unused rate is
+    // kept), and the rest still takes about as long as the rate says.
+    let rate: u64 = 1 << 20;
+    let mut p = Pair::with_target_rate(ProtocolMode::C, Some(rate));
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Disconnected);
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    for i in 0..4u64 {
+        p.a.handle(
+            Time(0),
+            Input::Client {
+                id: ClientId(100 + i),
+                request: ClientRequest::Write {
+                    offset: i << 20,
+                    data: Bytes::from(vec![1u8; 1 << 20]),
+                    fua: false,
+                },
+            },
+        );
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Connected);
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    assert_eq!(p.b.status().replication, ReplState::SyncTarget);
+    // One second of paced resync.
+    let mut now = 0u64;
+    while now < 1_000_000_000 {
+        now = now.max(p.b.next_deadline().expect("throttled").0);
+        p.b.handle(Time(now), Input::Tick);
+        p.run(&mut Vec::new(), &mut Vec::new());
+    }
+    p.b.handle(Time(now), Input::Admin(AdminCommand::PauseSync));
+    p.run(&mut Vec::new(), &mut Vec::new());
+    assert_eq!(p.b.status().replication, ReplState::PausedSyncT);
+    let before = p.b.status().out_of_sync_bytes;
+    for _ in 0..20 {
+        // Half-second ticks on both keep the link's pings going.
+        now += 500_000_000;
+        p.a.handle(Time(now), Input::Tick);
+        p.b.handle(Time(now), Input::Tick);
+        p.run(&mut Vec::new(), &mut Vec::new());
+    }
+    assert_eq!(
+        p.b.status().out_of_sync_bytes,
+        before,
+        "paused: nothing moves"
+    );
+    p.b.handle(Time(now), Input::Admin(AdminCommand::ResumeSync));
+    p.run(&mut Vec::new(), &mut Vec::new());
+    assert_eq!(p.b.status().replication, ReplState::SyncTarget);
+    let burst = before - p.b.status().out_of_sync_bytes;
+    let saved = rate * RESYNC_RATE_MAX_SAVED_NS / 1_000_000_000;
+    assert!(
+        burst <= RESYNC_REQUEST_MAX_BYTES + saved,
+        "{burst} bytes at once after the pause"
+    );
+    let resumed = now;
+    let mut ticks = 0;
+    while p.b.status().replication == ReplState::SyncTarget {
+        now = now.max(p.b.next_deadline().expect("throttled").0);
+        p.b.handle(Time(now), Input::Tick);
+        p.run(&mut Vec::new(), &mut Vec::new());
+        ticks += 1;
+        assert!(ticks < 10_000, "resync never finished");
+    }
+    assert_eq!(p.b.status().out_of_sync_bytes, 0);
+    let paced = (before - burst - RESYNC_REQUEST_MAX_BYTES) * 1_000_000_000 / rate;
+    assert!(
+        now - resumed >= paced,
+        "the rest took {} ns, the rate needs {paced}",
+        now - resumed
+    );
+}
+
+#[test]
 fn verify_done_racing_its_own_requests_drops_the_link_without_panicking() {
     // Out-of-protocol order from the peer (VerifyDone while our verify read
     // for its request is still queued/in flight) closes the link.

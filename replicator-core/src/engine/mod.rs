@@ -33,7 +33,9 @@ use crate::wire::Message;
 
 pub use handshake::{BITMAP_CHUNKS_IN_FLIGHT, BITMAP_CHUNK_SEND_BYTES};
 pub use io::*;
-pub use resync::{RESYNC_MAX_INFLIGHT_REQUESTS, RESYNC_REQUEST_MAX_BYTES};
+pub use resync::{
+    RESYNC_MAX_INFLIGHT_REQUESTS, RESYNC_RATE_MAX_SAVED_NS, RESYNC_REQUEST_MAX_BYTES,
+};
 
 use handshake::Handshake;
 use persist::Persist;

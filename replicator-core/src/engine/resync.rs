@@ -28,6 +28,11 @@ use crate::wire::Message;
 pub const RESYNC_MAX_INFLIGHT_REQUESTS: usize = 32;
 /// Largest range one resync request covers.
 pub const RESYNC_REQUEST_MAX_BYTES: u64 = 128 * 1024;
+/// With `resync_rate`, how much unused rate a resync keeps, in time: one
+/// that sent less than the rate allowed (paused, held back behind
+/// application writes, a slow peer) catches up by at most this much at
+/// full speed, then goes at the rate again.
+pub const RESYNC_RATE_MAX_SAVED_NS: u64 = 100_000_000;
 /// Most verify requests in flight.
 pub const VERIFY_MAX_INFLIGHT_REQUESTS: usize = 16;
 /// Range one verify request covers.
@@ -56,7 +61,9 @@ pub(super) struct TargetState {
     pub done_bytes: u64,
     pub started: Time,
     pub throttled_until: Option<Time>,
+    /// Pacing: bytes requested since `rate_origin`.
     pub sent_bytes_for_rate: u64,
+    pub rate_origin: Time,
     pub source_uuids: GenerationUuids,
     pub finishing: bool,
 }
@@ -164,6 +171,7 @@ impl Engine {
             started: self.now,
             throttled_until: None,
             sent_bytes_for_rate: 0,
+            rate_origin: self.now,
             source_uuids,
             finishing: false,
         });
@@ -212,9 +220,17 @@ impl Engine {
         while t.inflight.len() + t.writes.len() < RESYNC_MAX_INFLIGHT_REQUESTS {
             if let Some(rate) = rate {
                 // Allowed bytes so far at the configured rate.
-                let elapsed_ns = now.0.saturating_sub(t.started.0);
-                let allowed = (u128::from(rate) * u128::from(elapsed_ns) / 1_000_000_000) as u64
-                    + RESYNC_REQUEST_MAX_BYTES;
+                let at_rate = |ns: u64| (u128::from(rate) * u128::from(ns) / 1_000_000_000) as u64;
+                let mut allowed =
+                    at_rate(now.0.saturating_sub(t.rate_origin.0)) + RESYNC_REQUEST_MAX_BYTES;
+                if allowed.saturating_sub(t.sent_bytes_for_rate)
+                    > RESYNC_REQUEST_MAX_BYTES + at_rate(RESYNC_RATE_MAX_SAVED_NS)
+                {
+                    // Too much unused rate saved up: start pacing afresh.
+                    t.rate_origin = now;
+                    t.sent_bytes_for_rate = 0;
+                    allowed = RESYNC_REQUEST_MAX_BYTES;
+                }
                 if t.sent_bytes_for_rate >= allowed {
                     let wait_ns = ((t.sent_bytes_for_rate - allowed + 1) as u128 * 1_000_000_000
                         / u128::from(rate.max(1))) as u64;
