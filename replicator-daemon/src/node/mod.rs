@@ -16,6 +16,7 @@
 
 pub mod attach;
 pub mod nbd;
+pub mod rate;
 pub mod target;
 
 use std::collections::HashMap;
@@ -348,8 +349,8 @@ pub async fn start(config: &Config, node_name: &str) -> Result<NodeHandle, RunEr
         last_publish: Instant::now(),
         publish_pending: false,
         status_dirty: false,
-        resync_seen: None,
-        verify_seen: None,
+        resync_rate: rate::RateMeter::default(),
+        verify_rate: rate::RateMeter::default(),
         nbd_addr: node.nbd.clone(),
         activated,
         export: ExportConfig {
@@ -412,10 +413,10 @@ struct Runtime {
     publish_pending: bool,
     /// An engine event since the last publication (status may differ).
     status_dirty: bool,
-    /// When this node first saw the running resync, and its progress then.
-    resync_seen: Option<(Instant, u64)>,
+    /// The running resync's recent rate, as this node sees its progress.
+    resync_rate: rate::RateMeter,
     /// The same for a verify this node drives.
-    verify_seen: Option<(Instant, u64)>,
+    verify_rate: rate::RateMeter,
     nbd_addr: crate::config::NbdAddress,
     activated: Vec<Arc<Listener>>,
     export: ExportConfig,
@@ -720,16 +721,23 @@ impl Runtime {
         self.ctx.nbd_clients = self.nbd.as_ref().map_or(0, nbd::NbdServer::clients);
         let mut status = self.engine.status();
         // Rate and ETA measured here, on both sides of a resync: the
-        // engine's source side has no start time to measure from.
+        // engine's source side has no start time to measure from. A paused
+        // resync moves nothing: rate 0, no ETA; once resumed its rate counts
+        // from the resume, not over the pause.
+        let now = Instant::now();
+        let paused = matches!(
+            status.replication,
+            ReplState::PausedSyncS | ReplState::PausedSyncT
+        );
         match status.resync.as_mut() {
-            None => self.resync_seen = None,
+            None => self.resync_rate.reset(),
+            Some(p) if paused => {
+                self.resync_rate.reset();
+                p.rate_bytes_per_s = 0;
+                p.eta_s = 0;
+            }
             Some(p) => {
-                let (since, done0) = *self
-                    .resync_seen
-                    .get_or_insert((Instant::now(), p.done_bytes));
-                let elapsed_ms = since.elapsed().as_millis().max(1) as u64;
-                let moved = p.done_bytes.saturating_sub(done0);
-                p.rate_bytes_per_s = moved.saturating_mul(1000) / elapsed_ms;
+                p.rate_bytes_per_s = self.resync_rate.sample(now, p.done_bytes);
                 p.eta_s = p
                     .total_bytes
                     .saturating_sub(p.done_bytes)
@@ -739,13 +747,11 @@ impl Runtime {
         }
         self.ctx.verify = match self.engine.verify_progress() {
             None => {
-                self.verify_seen = None;
+                self.verify_rate.reset();
                 None
             }
             Some((done_bytes, total_bytes)) => {
-                let (since, done0) = *self.verify_seen.get_or_insert((Instant::now(), done_bytes));
-                let elapsed_ms = since.elapsed().as_millis().max(1) as u64;
-                let rate = done_bytes.saturating_sub(done0).saturating_mul(1000) / elapsed_ms;
+                let rate = self.verify_rate.sample(now, done_bytes);
                 Some(crate::control::protocol::Progress {
                     done_bytes,
                     total_bytes,

@@ -606,6 +606,75 @@ async fn paced_resync_reports_a_sane_rate_on_both_sides() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_resync_shows_no_rate_and_no_eta_until_resumed() {
+    // Proves pause-sync stops the resync on both sides and the progress
+    // says so: rate 0, no ETA, nothing done meanwhile (an average since
+    // the start would show the old speed and a finite ETA); resume-sync
+    // continues it to the end.
+    let p = Pair::new();
+    let cfg = variant(
+        &p,
+        "paused.toml",
+        "io_engine = \"sync\"\n",
+        "io_engine = \"sync\"\nresync_rate = \"1M\"\n",
+    );
+    let a = start(&cfg, "alpha").await.unwrap();
+    let b = start(&cfg, "bravo").await.unwrap();
+    established(&a).await;
+    ok(a.request(Request::NewCurrentUuid { clear_bitmap: true })
+        .await);
+    ok(a.request(Request::Primary { force: false }).await);
+    ok(a.request(Request::Disconnect).await);
+    a.target
+        .write(0, pattern(0x33, 4 * 1024 * 1024), false)
+        .await
+        .unwrap();
+    ok(a.request(Request::Connect).await);
+    wait_for(&a, "a running resync", |s| {
+        s.resync
+            .is_some_and(|r| r.rate_bytes_per_s > 0 && r.done_bytes > 256 * 1024)
+    })
+    .await;
+    ok(a.request(Request::PauseSync).await);
+    let mut paused_at = Vec::new();
+    for h in [&a, &b] {
+        let s = wait_for(h, "a paused resync", |s| s.replication.is_paused()).await;
+        let r = s.resync.expect("a paused resync still reports progress");
+        assert_eq!(r.rate_bytes_per_s, 0, "{r:?}");
+        assert_eq!(r.eta_s, None, "{r:?}");
+        assert!(r.done_bytes < r.total_bytes, "{r:?}");
+        paused_at.push(r.done_bytes);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (h, before) in [&a, &b].into_iter().zip(paused_at) {
+        let r = h.status().await.expect("status").resync.expect("paused");
+        assert_eq!(r.done_bytes, before, "nothing moves while paused");
+        assert_eq!((r.rate_bytes_per_s, r.eta_s), (0, None), "{r:?}");
+    }
+    ok(a.request(Request::ResumeSync).await);
+    // Measured from the resume on, and paced: the pause saved no rate up
+    // to spend at full speed.
+    let s = wait_for(&a, "the resumed resync's rate", |s| {
+        !s.replication.is_paused() && s.resync.is_some_and(|r| r.rate_bytes_per_s > 0)
+    })
+    .await;
+    let r = s.resync.expect("running");
+    assert!(r.rate_bytes_per_s <= 2 * 1024 * 1024, "{r:?}");
+    assert!(r.eta_s.is_some(), "{r:?}");
+    for h in [&a, &b] {
+        wait_for(h, "resync done", |s| {
+            s.replication == ReplicationState::Established && s.out_of_sync_bytes == 0
+        })
+        .await;
+    }
+    assert_eq!(p.data("alpha", 4 << 20), p.data("bravo", 4 << 20));
+    a.stop();
+    b.stop();
+    a.wait().await.unwrap();
+    b.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promotion_leaves_a_file_at_the_nbd_path_alone_and_says_why() {
     // Proves a promotion whose NBD Unix path holds something that is not a
     // socket (a mistyped path in the config) is refused with the reason and
