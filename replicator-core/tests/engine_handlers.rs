@@ -640,12 +640,9 @@ fn paused_sync_target_sends_no_requests_until_resumed() {
     assert_eq!(p.b.status().out_of_sync_bytes, 0);
 }
 
-#[test]
-fn resync_rate_limit_throttles_requests_and_sets_a_deadline() {
-    // resync_rate bounds the bytes requested per second: with 1 MiB/s and
-    // 4 MiB dirty, the first burst stops early, the engine asks for a tick,
-    // and the resync only finishes after enough (engine) time has passed.
-    let rate = 1 << 20;
+/// A pair whose target (b) has `resync_rate = rate`, after a wrote 4 MiB
+/// while disconnected and both reconnected: b is SyncTarget.
+fn paced_resync_of_4_mib(rate: u64) -> Pair {
     let mut p = Pair::with_target_rate(ProtocolMode::C, Some(rate));
     for e in [&mut p.a, &mut p.b] {
         e.handle(Time(0), Input::Disconnected);
@@ -670,6 +667,16 @@ fn resync_rate_limit_throttles_requests_and_sets_a_deadline() {
     }
     p.run(&mut Vec::new(), &mut Vec::new());
     assert_eq!(p.b.status().replication, ReplState::SyncTarget);
+    p
+}
+
+#[test]
+fn resync_rate_limit_throttles_requests_and_sets_a_deadline() {
+    // resync_rate bounds the bytes requested per second: with 1 MiB/s and
+    // 4 MiB dirty, the first burst stops early, the engine asks for a tick,
+    // and the resync only finishes after enough (engine) time has passed.
+    let rate = 1 << 20;
+    let mut p = paced_resync_of_4_mib(rate);
     let left = p.b.status().out_of_sync_bytes;
     assert!(left > 3 << 20, "burst limited: {left} bytes left");
     let mut now = 0u64;
@@ -696,30 +703,7 @@ fn a_resumed_resync_does_not_catch_up_at_full_speed() {
     // to spend at once (at most RESYNC_RATE_MAX_SAVED_NS of unused rate is
     // kept), and the rest still takes about as long as the rate says.
     let rate: u64 = 1 << 20;
-    let mut p = Pair::with_target_rate(ProtocolMode::C, Some(rate));
-    for e in [&mut p.a, &mut p.b] {
-        e.handle(Time(0), Input::Disconnected);
-    }
-    p.run(&mut Vec::new(), &mut Vec::new());
-    for i in 0..4u64 {
-        p.a.handle(
-            Time(0),
-            Input::Client {
-                id: ClientId(100 + i),
-                request: ClientRequest::Write {
-                    offset: i << 20,
-                    data: Bytes::from(vec![1u8; 1 << 20]),
-                    fua: false,
-                },
-            },
-        );
-    }
-    p.run(&mut Vec::new(), &mut Vec::new());
-    for e in [&mut p.a, &mut p.b] {
-        e.handle(Time(0), Input::Connected);
-    }
-    p.run(&mut Vec::new(), &mut Vec::new());
-    assert_eq!(p.b.status().replication, ReplState::SyncTarget);
+    let mut p = paced_resync_of_4_mib(rate);
     // One second of paced resync.
     let mut now = 0u64;
     while now < 1_000_000_000 {

@@ -558,17 +558,15 @@ async fn verify_finds_a_damaged_block_and_resync_repairs_it() {
     b.wait().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paced_resync_reports_a_sane_rate_on_both_sides() {
-    // Proves resync_rate pacing and the progress report: with a 2 MiB/s
-    // limit, both the source and the target report a rate near the limit
-    // (not the unmeasured source's absurd one) while it runs.
-    let p = Pair::new();
+/// A pair with `resync_rate = RATE` whose primary (alpha) wrote `len`
+/// bytes of `seed`'s pattern while disconnected, then reconnected: the
+/// resync of those bytes is under way.
+async fn paced_resync(p: &Pair, rate: &str, len: usize, seed: u8) -> (NodeHandle, NodeHandle) {
     let cfg = variant(
-        &p,
+        p,
         "paced.toml",
         "io_engine = \"sync\"\n",
-        "io_engine = \"sync\"\nresync_rate = \"2M\"\n",
+        &format!("io_engine = \"sync\"\nresync_rate = \"{rate}\"\n"),
     );
     let a = start(&cfg, "alpha").await.unwrap();
     let b = start(&cfg, "bravo").await.unwrap();
@@ -577,11 +575,18 @@ async fn paced_resync_reports_a_sane_rate_on_both_sides() {
         .await);
     ok(a.request(Request::Primary { force: false }).await);
     ok(a.request(Request::Disconnect).await);
-    a.target
-        .write(0, pattern(0x21, 3 * 1024 * 1024), false)
-        .await
-        .unwrap();
+    a.target.write(0, pattern(seed, len), false).await.unwrap();
     ok(a.request(Request::Connect).await);
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_resync_reports_a_sane_rate_on_both_sides() {
+    // Proves resync_rate pacing and the progress report: with a 2 MiB/s
+    // limit, both the source and the target report a rate near the limit
+    // (not the unmeasured source's absurd one) while it runs.
+    let p = Pair::new();
+    let (a, b) = paced_resync(&p, "2M", 3 * 1024 * 1024, 0x21).await;
     let limit = 2 * 1024 * 1024;
     for h in [&a, &b] {
         let s = wait_for(h, "a measured resync rate", |s| {
@@ -612,24 +617,7 @@ async fn paused_resync_shows_no_rate_and_no_eta_until_resumed() {
     // the start would show the old speed and a finite ETA); resume-sync
     // continues it to the end.
     let p = Pair::new();
-    let cfg = variant(
-        &p,
-        "paused.toml",
-        "io_engine = \"sync\"\n",
-        "io_engine = \"sync\"\nresync_rate = \"1M\"\n",
-    );
-    let a = start(&cfg, "alpha").await.unwrap();
-    let b = start(&cfg, "bravo").await.unwrap();
-    established(&a).await;
-    ok(a.request(Request::NewCurrentUuid { clear_bitmap: true })
-        .await);
-    ok(a.request(Request::Primary { force: false }).await);
-    ok(a.request(Request::Disconnect).await);
-    a.target
-        .write(0, pattern(0x33, 4 * 1024 * 1024), false)
-        .await
-        .unwrap();
-    ok(a.request(Request::Connect).await);
+    let (a, b) = paced_resync(&p, "1M", 4 * 1024 * 1024, 0x33).await;
     wait_for(&a, "a running resync", |s| {
         s.resync
             .is_some_and(|r| r.rate_bytes_per_s > 0 && r.done_bytes > 256 * 1024)
