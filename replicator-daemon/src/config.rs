@@ -217,6 +217,17 @@ pub enum Problem {
         value: String,
         other_key: String,
     },
+    /// A value that cannot go with another key's value of the node.
+    Clash(Box<Clash>),
+}
+
+/// Two keys of a node whose values cannot go together, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Clash {
+    pub value: String,
+    pub other_key: String,
+    pub other_value: String,
+    pub why: &'static str,
 }
 
 impl fmt::Display for Problem {
@@ -243,8 +254,24 @@ impl fmt::Display for Problem {
             Problem::Duplicate { value, other_key } => {
                 write!(f, "is {value:?}, the same as `{other_key}`; each node needs its own")
             }
+            Problem::Clash(c) => write!(
+                f,
+                "is {:?} and `{}` is {:?}; {}",
+                c.value, c.other_key, c.other_value, c.why
+            ),
         }
     }
+}
+
+/// Why external metadata may not be the disk itself.
+pub const META_IS_DISK: &str =
+    "external metadata needs a file or device of its own (or meta = \"internal\", at the end of the disk)";
+
+/// Whether two listening addresses of one node would take the same port:
+/// the same host, or either one every address of the host.
+fn listen_overlap(a: &HostPort, b: &HostPort) -> bool {
+    let any = |h: &str| matches!(h, "0.0.0.0" | "::" | "[::]" | "");
+    a.port == b.port && (a.host == b.host || any(&a.host) || any(&b.host))
 }
 
 /// Why a config file was refused.
@@ -658,12 +685,40 @@ impl Parser<'_> {
             Some(p) => MetaLocation::External(PathBuf::from(p)),
         };
         let options = self.options(prefix, t, defaults)?;
+        let disk = PathBuf::from(disk);
+        if let MetaLocation::External(path) = &meta {
+            if *path == disk {
+                // create-md would write the metadata over the disk's start.
+                return Err(self.err(
+                    join(prefix, "meta"),
+                    Problem::Clash(Box::new(Clash {
+                        value: path.display().to_string(),
+                        other_key: join(prefix, "disk"),
+                        other_value: disk.display().to_string(),
+                        why: META_IS_DISK,
+                    })),
+                ));
+            }
+        }
+        if let (NbdAddress::Tcp(n), Some(r)) = (&nbd, &replication) {
+            if listen_overlap(n, r) {
+                return Err(self.err(
+                    join(prefix, "nbd"),
+                    Problem::Clash(Box::new(Clash {
+                        value: n.to_string(),
+                        other_key: join(prefix, "replication"),
+                        other_value: r.to_string(),
+                        why: "the NBD export and the peer link cannot listen on one port",
+                    })),
+                ));
+            }
+        }
         Ok(NodeConfig {
             name: name.to_owned(),
             replication,
             nbd,
             control,
-            disk: PathBuf::from(disk),
+            disk,
             meta,
             options,
         })
@@ -1057,6 +1112,41 @@ direct      = true
             matches!(e.problem(), Some(Problem::Duplicate { .. })),
             "{e}"
         );
+    }
+
+    #[test]
+    fn external_metadata_on_the_disk_itself_is_refused() {
+        // Proves a meta path equal to the disk is refused before create-md
+        // could write metadata over the start of the data.
+        let text = TWO_NODES.replace(
+            r#"meta        = "/dev/vg0/vm1-meta""#,
+            r#"meta        = "/dev/vg0/vm1""#,
+        );
+        let e = expect_key_error(&text, "nodes.bravo.meta");
+        assert!(matches!(e.problem(), Some(Problem::Clash(_))), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("`nodes.bravo.disk`") && msg.contains("internal"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn nbd_on_the_replication_port_is_refused() {
+        // Proves a node cannot listen for NBD where its peer link listens:
+        // the same address, or a wildcard host on the same port.
+        for nbd in ["10.0.0.1:7789", "0.0.0.0:7789", "[::]:7789"] {
+            let text = TWO_NODES.replace("0.0.0.0:10809", nbd);
+            let e = expect_key_error(&text, "nodes.alpha.nbd");
+            assert!(matches!(e.problem(), Some(Problem::Clash(_))), "{nbd}: {e}");
+            assert!(e.to_string().contains("`nodes.alpha.replication`"), "{e}");
+        }
+        // Another port, or another address of the host on the same port,
+        // is fine.
+        for nbd in ["10.0.0.1:7790", "127.0.0.1:7789"] {
+            let text = TWO_NODES.replace("0.0.0.0:10809", nbd);
+            parse_str(&text).unwrap_or_else(|e| panic!("{nbd}: {e}"));
+        }
     }
 
     #[test]

@@ -21,6 +21,18 @@ use super::DiskError;
 /// Most extents one block-status answer reports; the caller asks again for the rest.
 pub const MAX_EXTENTS_PER_STATUS: usize = 1024;
 
+/// Whether two paths name one file or device: the same inode (symlinks
+/// followed), or one block device under two names (`/dev/vg0/vm1` and
+/// `/dev/dm-3` are different nodes of the same device).
+pub fn same_file(a: &Path, b: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let (ma, mb) = (std::fs::metadata(a)?, std::fs::metadata(b)?);
+    if ma.file_type().is_block_device() && mb.file_type().is_block_device() {
+        return Ok(ma.rdev() == mb.rdev());
+    }
+    Ok(ma.dev() == mb.dev() && ma.ino() == mb.ino())
+}
+
 /// What kind of object backs the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskKind {

@@ -30,6 +30,8 @@ pub const BITMAP_READ_CHUNK_BYTES: u64 = 1024 * 1024;
 pub enum AttachError {
     #[error(transparent)]
     Open(#[from] DiskError),
+    #[error("refusing to attach: `meta` {} is the disk {} itself: {}", meta.display(), disk.display(), crate::config::META_IS_DISK)]
+    MetaIsDisk { meta: PathBuf, disk: PathBuf },
     #[error("bitmap_block_bytes {0} does not fit the metadata format")]
     Geometry(u64),
     #[error("cannot lay out metadata on {}: {source}", path.display())]
@@ -114,6 +116,12 @@ pub async fn attach(config: &Config, node: &NodeConfig) -> Result<Attached, Atta
             (data.clone(), node.disk.clone(), layout)
         }
         MetaLocation::External(path) => {
+            if crate::disk::file::same_file(&node.disk, path).unwrap_or(false) {
+                return Err(AttachError::MetaIsDisk {
+                    meta: path.clone(),
+                    disk: node.disk.clone(),
+                });
+            }
             let meta = Arc::new(open_engine(path, opts)?);
             let layout =
                 MetadataLayout::external(data.size_bytes(), meta.size_bytes(), block, al_extents)

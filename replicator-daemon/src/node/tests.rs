@@ -346,6 +346,48 @@ async fn damaged_metadata_refuses_to_attach_with_the_decoders_reason() {
     assert!(msg.contains("replctl create-md"), "{msg}");
 }
 
+#[tokio::test]
+async fn external_metadata_that_is_the_disk_under_another_name_is_refused() {
+    // Proves a `meta` path that reaches the disk itself (here a symlink; an
+    // LV is /dev/vg0/vm1 and /dev/dm-3 alike) passes the config's check by
+    // name but is refused by create-md, even forced, with the disk left as
+    // it was, and by the daemon: metadata written there would overwrite
+    // the start of the data.
+    use std::os::unix::fs::FileExt;
+    let p = Pair::external();
+    let link = p.dir.path().join("alpha-meta-link");
+    std::os::unix::fs::symlink(p.disk("alpha"), &link).unwrap();
+    let d = p.dir.path().display().to_string();
+    let cfg = variant(
+        &p,
+        "alias.toml",
+        &format!("meta = \"{d}/alpha.md\""),
+        &format!("meta = \"{}\"", link.display()),
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.disk("alpha"))
+        .unwrap()
+        .write_all_at(b"the VM's partition table", 0)
+        .unwrap();
+    let before = std::fs::read(p.disk("alpha")).unwrap();
+    let e = create_md(&cfg, "alpha", true).unwrap_err().to_string();
+    assert!(e.contains("is the disk") && e.contains("internal"), "{e}");
+    assert!(
+        std::fs::read(p.disk("alpha")).unwrap() == before,
+        "the disk was written"
+    );
+    let e = start(&cfg, "alpha").await.unwrap_err();
+    assert!(
+        matches!(e, RunError::Attach(AttachError::MetaIsDisk { .. })),
+        "{e}"
+    );
+    assert!(
+        std::fs::read(p.disk("alpha")).unwrap() == before,
+        "the disk was written"
+    );
+}
+
 /// `config` with `from` replaced by `to` in its file text, saved as `name`.
 fn variant(p: &Pair, name: &str, from: &str, to: &str) -> Config {
     let text = std::fs::read_to_string(&p.config.path).unwrap();

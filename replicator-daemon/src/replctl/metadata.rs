@@ -102,6 +102,14 @@ fn devices(node: &NodeConfig, create_meta_file: bool) -> Result<(Devices, File, 
             ))
         }
         MetaLocation::External(path) => {
+            if crate::disk::file::same_file(&node.disk, path).unwrap_or(false) {
+                return Err(MdError(format!(
+                    "`meta` {} is the disk {} itself: {}; nothing was written",
+                    path.display(),
+                    node.disk.display(),
+                    crate::config::META_IS_DISK
+                )));
+            }
             let needed = MetadataLayout::external(disk_size_bytes, u64::MAX, block, al_extents)
                 .map_err(layout_error)?
                 .metadata_bytes;
