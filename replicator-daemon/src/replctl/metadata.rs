@@ -162,6 +162,27 @@ fn read_superblock(meta: &File, devices: &Devices) -> Result<(Superblock, u8), M
     })
 }
 
+/// The offset of the first non-zero byte in `len_bytes` from `offset`.
+fn first_nonzero(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len_bytes: u64,
+) -> Result<Option<u64>, MdError> {
+    let mut buf = vec![0u8; ZERO_CHUNK_BYTES];
+    let mut done = 0u64;
+    while done < len_bytes {
+        let n = (len_bytes - done).min(ZERO_CHUNK_BYTES as u64) as usize;
+        file.read_exact_at(&mut buf[..n], offset + done)
+            .map_err(|e| io_sentence("read", path, e))?;
+        if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+            return Ok(Some(offset + done + i as u64));
+        }
+        done += n as u64;
+    }
+    Ok(None)
+}
+
 fn zero_range(file: &File, path: &Path, offset: u64, len_bytes: u64) -> Result<(), MdError> {
     let zeros = vec![0u8; ZERO_CHUNK_BYTES];
     let mut done = 0u64;
@@ -175,11 +196,38 @@ fn zero_range(file: &File, path: &Path, offset: u64, len_bytes: u64) -> Result<(
 }
 
 /// `create-md`: write fresh metadata for `node_name` of `config`. Refuses to
-/// overwrite valid metadata unless `force`. Returns the line to print.
+/// overwrite valid metadata, or anything but zeros where no valid metadata
+/// is, unless `force`. Returns the line to print.
 pub fn create_md(config: &Config, node_name: &str, force: bool) -> Result<String, MdError> {
     let node = config.node(node_name).map_err(|e| MdError(e.to_string()))?;
     let (devices, _disk, meta) = devices(node, true)?;
-    if let Ok((existing, _)) = read_superblock(&meta, &devices) {
+    let existing = read_superblock(&meta, &devices);
+    if existing.is_err() && !force {
+        // Like drbdmeta: what lies where the metadata goes may be data.
+        let (start, len) = (
+            devices.layout.metadata_offset_bytes,
+            devices.layout.metadata_bytes,
+        );
+        if let Some(at) = first_nonzero(&meta, &devices.meta_path, start, len)? {
+            let hint = match devices.layout.kind {
+                MetaKind::Internal => format!(
+                    "with internal metadata the last {len} bytes of the disk hold it and the \
+                     export shrinks to {} bytes: shrink what the disk holds first, or keep \
+                     the metadata in a file or device of its own (meta = PATH)",
+                    devices.layout.data_size_bytes
+                ),
+                MetaKind::External => "is `meta` the right file or device?".to_owned(),
+            };
+            return Err(MdError(format!(
+                "{} holds data where the metadata goes (a non-zero byte at offset {at}, in \
+                 bytes {start}..{}) and no replicator metadata; writing it would destroy that \
+                 data: {hint}; use --force to write it anyway",
+                devices.meta_path.display(),
+                start + len
+            )));
+        }
+    }
+    if let Ok((existing, _)) = existing {
         if !force {
             return Err(MdError(format!(
                 "{} already holds metadata of {}/{} ({}); use --force to overwrite it",

@@ -421,6 +421,70 @@ async fn create_md_refuses_to_overwrite_valid_metadata_unless_forced() {
 }
 
 #[tokio::test]
+async fn create_md_refuses_to_write_over_data_unless_forced() {
+    // Proves create-md does not silently destroy what lies where the
+    // metadata goes (like drbdmeta): a disk whose last bytes hold data (a
+    // GPT backup header, the end of a file system) is refused naming the
+    // offset, the way out and --force, and left as it was; so is an
+    // external meta file holding data; --force writes the metadata.
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64u64 << 20;
+    make_disk(dir.path(), size);
+    let disk_path = dir.path().join("alpha.img");
+    let disk = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk_path)
+        .unwrap();
+    disk.write_all_at(b"EFI PART backup header", size - 512)
+        .unwrap();
+    let config = write_config(dir.path(), &dir.path().join("a.sock"), "internal");
+    let args = config_args(&config);
+    let before = std::fs::read(&disk_path).unwrap();
+    let o = run_capture(&args, ControlCommand::CreateMd { force: false }, false).await;
+    assert_eq!(o.code, EXIT_FAILED, "{}", o.out);
+    for words in [
+        "holds data where the metadata goes",
+        &format!("offset {}", size - 512),
+        "meta = PATH",
+        "--force",
+    ] {
+        assert!(o.err.contains(words), "no {words:?} in {}", o.err);
+    }
+    assert!(
+        std::fs::read(&disk_path).unwrap() == before,
+        "refused create-md wrote"
+    );
+    let o = run_capture(&args, ControlCommand::CreateMd { force: true }, false).await;
+    assert_eq!(o.code, EXIT_OK, "{}", o.err);
+    assert_eq!(dump_json(&config).await["out_of_sync_bytes"], 0);
+
+    let meta_path = dir.path().join("alpha.md");
+    std::fs::write(&meta_path, vec![0x5a; 1 << 20]).unwrap();
+    let config = write_config(
+        dir.path(),
+        &dir.path().join("a.sock"),
+        &meta_path.display().to_string(),
+    );
+    let o = run_capture(
+        &config_args(&config),
+        ControlCommand::CreateMd { force: false },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_FAILED, "{}", o.out);
+    assert!(
+        o.err.contains("is `meta` the right file or device?"),
+        "{}",
+        o.err
+    );
+    assert!(
+        std::fs::read(&meta_path).unwrap() == vec![0x5a; 1 << 20],
+        "refused create-md wrote"
+    );
+}
+
+#[tokio::test]
 async fn create_md_with_external_meta_creates_the_metadata_file() {
     // Proves `meta = PATH`: the file is created at the needed size, the
     // whole disk stays data, and the disk itself is untouched.
