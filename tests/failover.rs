@@ -27,6 +27,7 @@ const WRITER_EXIT_CONNECTION_LOST: i32 = 3;
 const RESYNC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Interval between polls of the writer's log.
 const LOG_POLL_INTERVAL: Duration = Duration::from_millis(10);
+const MIB: u64 = 1 << 20;
 
 fn acked_lines(log: &Path) -> usize {
     std::fs::read_to_string(log)
@@ -434,4 +435,109 @@ fn crashed_primary_returns_and_resyncs_only_its_activity_log_extents() {
         vec![0x34; 512 << 10]
     );
     c.assert_replicas_identical();
+}
+
+/// A tmpfs of a given size mounted for one test (the tests run as root, as
+/// CI does); unmounted when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            ok.success(),
+            "cannot mount a tmpfs at {} (needs root)",
+            dir.display()
+        );
+        SmallFs(dir.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .expect("run mount");
+        assert!(
+            ok.success(),
+            "cannot resize the tmpfs at {}",
+            self.0.display()
+        );
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_secondary_whose_disk_writes_fail_is_not_promoted_without_force() {
+    // Proves invariant 6 with a real disk error: bravo's backing file lives
+    // on a 2 MiB file system, so its writes past that fail (ENOSPC) while
+    // alpha acknowledges them to the client. Bravo must turn Inconsistent
+    // (and stay so across a restart), and once alpha is killed refuse to
+    // become Primary without --force: promoted, it would serve a disk
+    // without those acknowledged writes. With room again and alpha back,
+    // the resync makes the replicas identical.
+    let mut c = Cluster::prepare(ClusterSpec {
+        disk_bytes: 16 * MIB,
+        ..ClusterSpec::default()
+    });
+    let small = SmallFs::mount(&c.dir().join("small"), "2m");
+    let on_small = small.0.join("bravo.img");
+    std::fs::File::create(&on_small)
+        .and_then(|f| f.set_len(16 * MIB))
+        .expect("sparse file on the small file system");
+    std::fs::remove_file(&c.nodes[1].disk).expect("remove bravo's file");
+    // Its metadata is in a file of its own, made for a disk of this size.
+    std::os::unix::fs::symlink(&on_small, &c.nodes[1].disk).expect("link bravo's disk");
+    let mut c = c.started();
+    let data = MIB as usize * 8;
+    let out = common::cluster::qemu_io(&c.alpha().uri(), &["write -P 0x5a 0 8M"]);
+    assert!(
+        !out.contains("error"),
+        "alpha acknowledges the writes: {out}"
+    );
+    c.bravo()
+        .wait_status("Inconsistent after its writes failed", STATE_TIMEOUT, |s| {
+            s["disk"] == "Inconsistent"
+        });
+    c.alpha()
+        .wait_status("sees bravo Inconsistent", STATE_TIMEOUT, |s| {
+            s["peer_disk"] == "Inconsistent"
+        });
+    c.nodes[0].kill_hard();
+    c.nodes[1].stop();
+    c.nodes[1].start();
+    c.bravo()
+        .wait_status("still Inconsistent after a restart", STATE_TIMEOUT, |s| {
+            s["disk"] == "Inconsistent"
+        });
+    let refused = c.bravo().replctl(&["primary"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("Inconsistent"),
+        "{err}"
+    );
+    assert!(
+        !c.bravo().serves_nbd(),
+        "bravo must not serve its partial copy"
+    );
+
+    small.resize("64m");
+    c.nodes[0].start();
+    c.wait_in_sync(RESYNC_TIMEOUT);
+    assert!(
+        c.bravo().read_data(0, data) == vec![0x5a; data],
+        "bravo lacks the acknowledged writes after the resync"
+    );
+    c.assert_replicas_identical();
+    drop(c);
 }

@@ -455,6 +455,99 @@ fn barrier_overtaking_an_earlier_write_is_a_protocol_error() {
 }
 
 #[test]
+fn a_failed_write_on_the_secondary_makes_it_inconsistent_and_unpromotable() {
+    use replicator_core::engine::DiskError;
+    // Invariant 6 after a disk error: the Secondary's write of an
+    // acknowledged block failed (ENOSPC, EIO), so its copy lacks that
+    // write. It must not stay UpToDate: it turns Inconsistent, persists
+    // that (superblock without the UpToDate flag), tells the Primary, and
+    // refuses a promotion without --force once the Primary is gone.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.a.handle(Time(0), write_req(1, 0, false));
+    let oa = settle_meta(&mut p.a);
+    for m in sent(&oa) {
+        p.b.handle(Time(0), Input::PeerFrame(m));
+    }
+    let ob = settle_meta(&mut p.b);
+    let (op, _) = disk_ops(&ob)
+        .into_iter()
+        .find(|(_, k)| matches!(k, DiskOp::Write { .. }))
+        .expect("the secondary writes the block");
+    p.b.handle(
+        Time(0),
+        Input::DiskDone {
+            op,
+            result: Err(DiskError { code: 28 }),
+        },
+    );
+    let mut superblock_flags = Vec::new();
+    let mut ob = Vec::new();
+    for o in drain(&mut p.b) {
+        if let Output::Disk {
+            op,
+            kind: DiskOp::MetaWrite { offset_bytes, data },
+        } = &o
+        {
+            let l = layout();
+            for slot in 0..2u8 {
+                if *offset_bytes == l.superblock_slot_offset(slot) {
+                    let sb = metadata::decode_superblock(slot, data).expect("a superblock");
+                    superblock_flags.push(sb.flags);
+                }
+            }
+            p.b.handle(
+                Time(0),
+                Input::DiskDone {
+                    op: *op,
+                    result: Ok(Bytes::new()),
+                },
+            );
+        } else {
+            ob.push(o);
+        }
+    }
+    assert_eq!(p.b.disk_state(), DiskState::Inconsistent);
+    assert!(
+        superblock_flags
+            .last()
+            .is_some_and(|f| !f.contains(metadata::MetaFlags::UP_TO_DATE)),
+        "persisted as not UpToDate: {superblock_flags:?}"
+    );
+    assert!(p.b.status().out_of_sync_bytes > 0, "the block is marked");
+    // The Primary learns it; its own write succeeded, so the client's
+    // write completes (its data is on the Primary) and is marked.
+    for m in sent(&ob) {
+        p.a.handle(Time(0), Input::PeerFrame(m));
+    }
+    let (op, _) = disk_ops(&oa)
+        .into_iter()
+        .find(|(_, k)| matches!(k, DiskOp::Write { .. }))
+        .expect("the primary writes the block");
+    let outs = done(&mut p.a, op);
+    assert!(
+        matches!(completions(&outs)[..], [(ClientId(1), Ok(_))]),
+        "{outs:?}"
+    );
+    assert_eq!(p.a.status().peer_disk, Some(DiskState::Inconsistent));
+    assert!(p.a.status().out_of_sync_bytes > 0);
+    // The Primary is lost: the Secondary may not take over unforced.
+    p.b.handle(Time(0), Input::Disconnected);
+    drain(&mut p.b);
+    p.b.handle(
+        Time(0),
+        Input::Admin(AdminCommand::Primary { force: false }),
+    );
+    let outs = settle_meta(&mut p.b);
+    assert!(
+        outs.contains(&Output::AdminResult(Err(AdminError::StaleData {
+            disk: DiskState::Inconsistent
+        }))),
+        "{outs:?}"
+    );
+    assert_eq!(p.b.role(), NodeRole::Secondary);
+}
+
+#[test]
 fn inconsistent_node_refuses_primary_unless_forced() {
     // Invariant 6: stale data is not promoted without --force.
     let mut e = engine("alpha", "bravo", ProtocolMode::C, b"s");

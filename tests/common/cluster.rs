@@ -551,7 +551,13 @@ impl Cluster {
     /// the initial sync (`new-current-uuid --clear-bitmap`: both disks are
     /// fresh sparse files, all zero), promotes alpha and waits for its export.
     pub fn up(spec: ClusterSpec) -> Cluster {
-        let mut c = Cluster::prepare(spec);
+        Cluster::prepare(spec).started()
+    }
+
+    /// A prepared pair started as [`Cluster::up`] does: connected, both
+    /// disks UpToDate, alpha Primary and serving NBD.
+    pub fn started(self) -> Cluster {
+        let mut c = self;
         c.nodes[0].start();
         c.nodes[1].start();
         c.wait_both("connected", |s| s["connection"] == "Connected");

@@ -15,7 +15,7 @@ use super::{
     MAX_CLIENT_REQUESTS, MAX_PEER_WRITES_IN_FLIGHT, MAX_TRANSFER_LOG_WRITES,
 };
 use crate::activity_log::AlDecision;
-use crate::types::{NodeRole, ProtocolMode, RequestId};
+use crate::types::{DiskState, NodeRole, ProtocolMode, RequestId};
 use crate::wire::{Message, WRITE_FLAG_FUA, WRITE_FLAG_TRIM, WRITE_FLAG_ZEROES};
 
 /// What a write puts on the disk.
@@ -674,6 +674,7 @@ impl Engine {
         let _ = self.al.end_write(w.offset, w.len);
         if !ok {
             self.mark_oos(w.offset, w.len);
+            self.local_write_failed();
         }
         if self.replicating {
             self.send(Message::WriteAck {
@@ -682,6 +683,22 @@ impl Engine {
             });
         }
         self.pump_barriers();
+    }
+
+    /// A write the peer acknowledged as ours failed here: this disk no
+    /// longer holds every acknowledged write, so it must not pass for a
+    /// usable copy (a failover to it would lose them). Inconsistent until
+    /// a resync of the marked blocks brings it up to date, persisted and
+    /// told to the peer; a promotion then needs `--force`.
+    fn local_write_failed(&mut self) {
+        if matches!(
+            self.disk,
+            DiskState::UpToDate | DiskState::Consistent | DiskState::Outdated
+        ) {
+            self.set_disk(DiskState::Inconsistent);
+            self.write_superblock();
+            self.send_state_update();
+        }
     }
 
     pub(super) fn on_peer_barrier(&mut self, id: RequestId) {
