@@ -486,7 +486,7 @@ fn a_secondary_whose_disk_writes_fail_is_not_promoted_without_force() {
     // become Primary without --force: promoted, it would serve a disk
     // without those acknowledged writes. With room again and alpha back,
     // the resync makes the replicas identical.
-    let mut c = Cluster::prepare(ClusterSpec {
+    let c = Cluster::prepare(ClusterSpec {
         disk_bytes: 16 * MIB,
         ..ClusterSpec::default()
     });
