@@ -685,11 +685,13 @@ impl Engine {
         self.pump_barriers();
     }
 
-    /// A write the peer acknowledged as ours failed here: this disk no
-    /// longer holds every acknowledged write, so it must not pass for a
-    /// usable copy (a failover to it would lose them). Inconsistent until
-    /// a resync of the marked blocks brings it up to date, persisted and
-    /// told to the peer; a promotion then needs `--force`.
+    /// A write the Primary sent failed on this disk. The Primary still
+    /// acknowledges it to its client (its own copy holds it), so this disk
+    /// no longer holds every acknowledged write and must not pass for a
+    /// usable copy: a failover to it would lose them. It is Inconsistent
+    /// until a resync of the marked blocks brings it up to date; that is
+    /// persisted and told to the Primary (before the failed WriteAck), and
+    /// a promotion then needs `--force`.
     fn local_write_failed(&mut self) {
         if matches!(
             self.disk,
