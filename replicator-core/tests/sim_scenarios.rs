@@ -100,6 +100,23 @@ fn metadata_slot_torn_by_a_crash_falls_back_to_the_other_slot() {
 }
 
 #[test]
+fn a_secondary_whose_disk_writes_fail_is_not_failed_over_to() {
+    // Invariant 6 under disk errors: the Secondary's data writes fail while
+    // the Primary acknowledges them, then the Primary crashes. The
+    // Secondary, lacking those writes, must refuse an unforced promotion
+    // (promoted, the oracle would find them missing); the Primary returns,
+    // its disk is whole again, and the resync makes the replicas converge.
+    for r in pass(Scenario::SecondaryDiskFails, &[1, 2, 3, 4, 5]) {
+        assert_eq!(
+            (r.crashes, r.failovers_refused, r.failovers),
+            (1, 1, 0),
+            "{r:?}"
+        );
+        assert!(r.disk_write_errors > 0 && r.writes_acked > 100, "{r:?}");
+    }
+}
+
+#[test]
 fn fixed_random_seeds_pass() {
     // Random fault mixes (crashes, failovers, partitions, corruption,
     // verify, invalidate, pause, switchover, torn metadata).

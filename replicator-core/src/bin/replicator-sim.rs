@@ -25,7 +25,8 @@ fn sim_fault(name: &str) -> Option<SimFault> {
 const USAGE: &str = "usage: replicator-sim (--seconds N | --seed S) [--scenario NAME] [--sim-fault NAME] [--verbose]
 sim faults: ack-before-peer, forget-out-of-sync, ignore-frame-order
 scenarios: random (default), primary-crash, secondary-crash, partition, partition-resync,
-           corrupt-dup, reorder, split-brain, flush-disconnect, torn-metadata";
+           corrupt-dup, reorder, split-brain, flush-disconnect, torn-metadata,
+           secondary-disk-fails";
 
 fn scenario(name: &str) -> Option<Scenario> {
     Some(match name {
@@ -39,6 +40,7 @@ fn scenario(name: &str) -> Option<Scenario> {
         "split-brain" => Scenario::SplitBrainBothPromoted,
         "flush-disconnect" => Scenario::FlushRacingDisconnect,
         "torn-metadata" => Scenario::TornMetadataSlot,
+        "secondary-disk-fails" => Scenario::SecondaryDiskFails,
         _ => return None,
     })
 }

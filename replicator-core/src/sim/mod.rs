@@ -67,6 +67,9 @@ pub enum Scenario {
     SplitBrainBothPromoted,
     FlushRacingDisconnect,
     TornMetadataSlot,
+    /// The Secondary's data writes fail (a full or broken disk) while the
+    /// Primary acknowledges them, then the Primary crashes.
+    SecondaryDiskFails,
 }
 
 /// What to simulate.
@@ -101,6 +104,10 @@ pub struct SimReport {
     pub flushes_acked: u64,
     pub crashes: u64,
     pub failovers: u64,
+    /// Failovers refused because the survivor's disk was not UpToDate.
+    pub failovers_refused: u64,
+    /// Data writes that failed on a failing disk.
+    pub disk_write_errors: u64,
     pub frames_corrupted: u64,
     pub frames_duplicated: u64,
     /// Frames delivered before the frame sent just ahead of them.
@@ -149,6 +156,8 @@ enum Action {
     /// victim's writes, discarded later).
     UntrackedWrites(usize, u64),
     Admin(usize, AdminCommand),
+    /// Node `.0`'s data writes start (true) or stop (false) failing.
+    DiskFails(usize, bool),
     /// Corrupt / duplicate / reorder frames with these per-mille rates.
     NetFaults {
         corrupt: u64,
@@ -186,6 +195,8 @@ struct Node {
     tear_next_meta: bool,
     /// Crash (tearing it) at the next superblock write this node issues.
     crash_on_superblock_write: bool,
+    /// Data writes fail (ENOSPC) and change nothing.
+    disk_fails: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -219,6 +230,10 @@ struct World {
     next_epoch: u64,
     connect_pending: bool,
     partitioned: bool,
+    /// A data write failed on this node's disk during the run (only the
+    /// disk-failure scenario makes any fail): its copy lacks writes the
+    /// Primary acknowledged.
+    lost_writes: [bool; 2],
     corrupt_per_mille: u64,
     dup_per_mille: u64,
     reorder_per_mille: u64,
@@ -571,6 +586,22 @@ impl World {
                     return Ok(());
                 };
                 let n = &mut self.nodes[node];
+                let fails = n.disk_fails
+                    && matches!(
+                        kind,
+                        DiskOp::Write { .. } | DiskOp::Zero { .. } | DiskOp::Trim { .. }
+                    );
+                if fails {
+                    self.report.disk_write_errors += 1;
+                    self.lost_writes[node] = true;
+                    return self.feed(
+                        node,
+                        Input::DiskDone {
+                            op,
+                            result: Err(crate::engine::DiskError { code: 28 }),
+                        },
+                    );
+                }
                 let result = match kind {
                     DiskOp::Read { offset, len_bytes } => {
                         Bytes::from(n.data.read(offset, u64::from(len_bytes)))
@@ -905,8 +936,11 @@ impl World {
                     .engine(n)
                     .is_some_and(|e| e.role() == NodeRole::Primary);
                 let peer_established = self.conn_if_established(n).is_some();
+                // A peer that lost writes to disk errors must refuse to
+                // take over, whatever state it shows.
+                let peer_lost = self.lost_writes[1 - n] && self.engine(1 - n).is_some();
                 self.crash(n)?;
-                if was_primary && peer_established && !self.split_brain_expected {
+                if was_primary && (peer_established || peer_lost) && !self.split_brain_expected {
                     self.failover(1 - n)?;
                 } else if n == self.client_node {
                     self.forget_unflushed(n);
@@ -936,6 +970,7 @@ impl World {
                     self.ensure_primary()?;
                 }
             }
+            Action::DiskFails(n, on) => self.nodes[n].disk_fails = on,
             Action::Partition => {
                 self.partitioned = true;
                 self.link_down_both()?;
@@ -1087,8 +1122,28 @@ impl World {
     /// Promote the surviving node after the Primary crashed; it must hold
     /// every acknowledged write.
     fn failover(&mut self, n: usize) -> Result<(), SimFailure> {
-        self.report.failovers += 1;
         let name = self.nodes[n].name;
+        if self.lost_writes[n] {
+            // Its disk lost writes the Primary acknowledged: promoting it
+            // unforced would lose them, so the engine must refuse; the
+            // client waits for its node to return.
+            let disk = self.engine(n).map(Engine::disk_state);
+            self.feed(n, Input::Admin(AdminCommand::Primary { force: false }))?;
+            if self
+                .engine(n)
+                .is_some_and(|e| e.role() == NodeRole::Primary)
+            {
+                return Err(self.fail(format!(
+                    "failover: {name} lost acknowledged writes to disk errors, yet was \
+                     promoted unforced (disk {disk:?})"
+                )));
+            }
+            self.report.failovers_refused += 1;
+            self.forget_unflushed(1 - n);
+            self.log(format!("failover to {name} refused: its disk lost writes"));
+            return Ok(());
+        }
+        self.report.failovers += 1;
         self.feed(n, Input::Admin(AdminCommand::Primary { force: false }))?;
         if !self
             .engine(n)
@@ -1257,6 +1312,7 @@ fn new_node(name: &'static str, layout: &MetadataLayout) -> Result<Node, String>
         durable_floor: Floors::new(),
         tear_next_meta: false,
         crash_on_superblock_write: false,
+        disk_fails: false,
     })
 }
 
@@ -1290,6 +1346,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
         next_epoch: 0,
         connect_pending: false,
         partitioned: false,
+        lost_writes: [false; 2],
         corrupt_per_mille: 0,
         dup_per_mille: 0,
         reorder_per_mille: 0,
@@ -1530,6 +1587,12 @@ fn plan(w: &mut World, rng: &mut SplitMix64, start: u64) {
             s.push((t(400), Action::Heal));
             s.push((t(401), Action::CrashTearingSuperblock(1)));
             s.push((t(600), Action::Restart(1)));
+        }
+        Scenario::SecondaryDiskFails => {
+            s.push((t(100), Action::DiskFails(1, true)));
+            s.push((t(300), Action::Crash(0)));
+            s.push((t(400), Action::DiskFails(1, false)));
+            s.push((t(500), Action::Restart(0)));
         }
         Scenario::Random => random_plan(w, rng, &mut s, start),
     }
