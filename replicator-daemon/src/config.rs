@@ -270,7 +270,10 @@ pub const META_IS_DISK: &str =
 /// Whether two listening addresses of one node would take the same port:
 /// the same host, or either one every address of the host.
 fn listen_overlap(a: &HostPort, b: &HostPort) -> bool {
-    let any = |h: &str| matches!(h, "0.0.0.0" | "::" | "[::]" | "");
+    let any = |h: &str| {
+        h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified())
+    };
     a.port == b.port && (a.host == b.host || any(&a.host) || any(&b.host))
 }
 
@@ -686,30 +689,33 @@ impl Parser<'_> {
         };
         let options = self.options(prefix, t, defaults)?;
         let disk = PathBuf::from(disk);
+        let clash = |key: &str, value: String, other_key: &str, other_value: String, why| {
+            self.err(
+                join(prefix, key),
+                Problem::Clash(Box::new(Clash {
+                    value,
+                    other_key: join(prefix, other_key),
+                    other_value,
+                    why,
+                })),
+            )
+        };
         if let MetaLocation::External(path) = &meta {
             if *path == disk {
                 // create-md would write the metadata over the disk's start.
-                return Err(self.err(
-                    join(prefix, "meta"),
-                    Problem::Clash(Box::new(Clash {
-                        value: path.display().to_string(),
-                        other_key: join(prefix, "disk"),
-                        other_value: disk.display().to_string(),
-                        why: META_IS_DISK,
-                    })),
-                ));
+                let (m, d) = (path.display().to_string(), disk.display().to_string());
+                return Err(clash("meta", m, "disk", d, META_IS_DISK));
             }
         }
         if let (NbdAddress::Tcp(n), Some(r)) = (&nbd, &replication) {
             if listen_overlap(n, r) {
-                return Err(self.err(
-                    join(prefix, "nbd"),
-                    Problem::Clash(Box::new(Clash {
-                        value: n.to_string(),
-                        other_key: join(prefix, "replication"),
-                        other_value: r.to_string(),
-                        why: "the NBD export and the peer link cannot listen on one port",
-                    })),
+                let why = "the NBD export and the peer link cannot listen on one port";
+                return Err(clash(
+                    "nbd",
+                    n.to_string(),
+                    "replication",
+                    r.to_string(),
+                    why,
                 ));
             }
         }

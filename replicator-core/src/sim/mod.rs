@@ -1123,16 +1123,16 @@ impl World {
     /// every acknowledged write.
     fn failover(&mut self, n: usize) -> Result<(), SimFailure> {
         let name = self.nodes[n].name;
+        let disk = self.engine(n).map(Engine::disk_state);
+        self.feed(n, Input::Admin(AdminCommand::Primary { force: false }))?;
+        let promoted = self
+            .engine(n)
+            .is_some_and(|e| e.role() == NodeRole::Primary);
         if self.lost_writes[n] {
             // Its disk lost writes the Primary acknowledged: promoting it
             // unforced would lose them, so the engine must refuse; the
             // client waits for its node to return.
-            let disk = self.engine(n).map(Engine::disk_state);
-            self.feed(n, Input::Admin(AdminCommand::Primary { force: false }))?;
-            if self
-                .engine(n)
-                .is_some_and(|e| e.role() == NodeRole::Primary)
-            {
+            if promoted {
                 return Err(self.fail(format!(
                     "failover: {name} lost acknowledged writes to disk errors, yet was \
                      promoted unforced (disk {disk:?})"
@@ -1144,11 +1144,7 @@ impl World {
             return Ok(());
         }
         self.report.failovers += 1;
-        self.feed(n, Input::Admin(AdminCommand::Primary { force: false }))?;
-        if !self
-            .engine(n)
-            .is_some_and(|e| e.role() == NodeRole::Primary)
-        {
+        if !promoted {
             return Err(self.fail(format!(
                 "failover: {name} (UpToDate, was connected) refused promotion"
             )));
