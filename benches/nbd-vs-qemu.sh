@@ -397,12 +397,14 @@ PY
 cpu_table() {
     local label=$1
     shift
-    $PY - "$work" "$label" "$(getconf CLK_TCK)" "$OURS" "$@" <<'PY'
+    local job names=""
+    for job in "${jobs[@]}"; do names="$names ${job%% *}"; done
+    $PY - "$work" "$label" "$(getconf CLK_TCK)" "$OURS" "$names" "$@" <<'PY'
 import json, os, sys
-work, label, tck, ours_kind, sides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5:]
+work, label, tck, ours_kind = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+jobs, sides = sys.argv[5].split(), sys.argv[6:]
 names = {"base": "qemu-nbd", "ours": "alone" if ours_kind == "replicatord" else ours_kind,
          "repl": "replicated"}
-jobs = ["lat", "rw32", "rr32", "sw", "sr", "fsync"]
 
 def window(side, job):
     # (server us per I/O per process, machine busy share, fio us per I/O)

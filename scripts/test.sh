@@ -15,6 +15,10 @@ have fio || need_pkgs+=(fio)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx mke2fs || need_pkgs+=(busybox-static)
 have cpio || need_pkgs+=(cpio)
 have ip || need_pkgs+=(iproute2)
+# The disk-error failover test mounts a small tmpfs; the benchmark script's
+# test pins CPUs.
+{ have mount && have umount; } || need_pkgs+=(mount)
+have taskset || need_pkgs+=(util-linux)
 # The guest test builds its kernel + initramfs from Debian packages.
 have dpkg-deb || need_pkgs+=(dpkg)
 have gzip || need_pkgs+=(gzip)
