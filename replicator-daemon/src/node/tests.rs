@@ -666,13 +666,19 @@ async fn paused_resync_shows_no_rate_and_no_eta_until_resumed() {
     })
     .await;
     ok(a.request(Request::PauseSync).await);
-    let mut paused_at = Vec::new();
     for h in [&a, &b] {
         let s = wait_for(h, "a paused resync", |s| s.replication.is_paused()).await;
         let r = s.resync.expect("a paused resync still reports progress");
         assert_eq!(r.rate_bytes_per_s, 0, "{r:?}");
         assert_eq!(r.eta_s, None, "{r:?}");
         assert!(r.done_bytes < r.total_bytes, "{r:?}");
+    }
+    // Requests sent before the pause still land (as in DRBD); then
+    // nothing moves.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut paused_at = Vec::new();
+    for h in [&a, &b] {
+        let r = h.status().await.expect("status").resync.expect("paused");
         paused_at.push(r.done_bytes);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
