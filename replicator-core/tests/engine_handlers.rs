@@ -506,6 +506,8 @@ fn a_failed_write_on_the_secondary_makes_it_inconsistent_and_unpromotable() {
             ob.push(o);
         }
     }
+    // The failed WriteAck, released by the durable superblock.
+    ob.extend(drain(&mut p.b));
     assert_eq!(p.b.disk_state(), DiskState::Inconsistent);
     assert!(
         superblock_flags
@@ -545,6 +547,206 @@ fn a_failed_write_on_the_secondary_makes_it_inconsistent_and_unpromotable() {
         "{outs:?}"
     );
     assert_eq!(p.b.role(), NodeRole::Secondary);
+}
+
+/// Complete disk op `op` with `result` without settling metadata writes.
+fn finish(
+    e: &mut Engine,
+    op: OpId,
+    result: Result<Bytes, replicator_core::engine::DiskError>,
+) -> Vec<Output> {
+    e.handle(Time(0), Input::DiskDone { op, result });
+    drain(e)
+}
+
+fn acks(outs: &[Output]) -> Vec<Message> {
+    sent(outs)
+        .into_iter()
+        .filter(|m| matches!(m, Message::WriteAck { .. } | Message::BarrierAck { .. }))
+        .collect()
+}
+
+fn superblock_write(outs: &[Output]) -> Option<OpId> {
+    let l = layout();
+    disk_ops(outs).into_iter().find_map(|(op, k)| match k {
+        DiskOp::MetaWrite { offset_bytes, .. }
+            if (0..2u8).any(|slot| offset_bytes == l.superblock_slot_offset(slot)) =>
+        {
+            Some(op)
+        }
+        _ => None,
+    })
+}
+
+#[test]
+fn the_secondarys_failed_ack_waits_until_its_inconsistent_superblock_is_durable() {
+    use replicator_core::engine::DiskError;
+    // A crash of the Secondary right after its failed write must not bring
+    // it back UpToDate while the Primary, told of the failure, acknowledged
+    // the write to its client from its own copy: the failed WriteAck, and
+    // every ack after it (in order), goes out only once the superblock
+    // without UpToDate is on the metadata disk.
+    let mut p = Pair::new(ProtocolMode::C);
+    for (id, offset) in [(1000, 0), (1001, 4096)] {
+        p.b.handle(
+            Time(0),
+            Input::PeerFrame(Message::Write {
+                id: RequestId(id),
+                offset,
+                flags: 0,
+                len_bytes: 4096,
+                data: Bytes::from(vec![1u8; 4096]),
+            }),
+        );
+    }
+    p.b.handle(
+        Time(0),
+        Input::PeerFrame(Message::Barrier {
+            id: RequestId(1002),
+        }),
+    );
+    let ops = disk_ops(&settle_meta(&mut p.b));
+    assert_eq!(ops.len(), 2, "{ops:?}");
+    let outs = finish(&mut p.b, ops[0].0, Err(DiskError { code: 5 }));
+    assert_eq!(p.b.disk_state(), DiskState::Inconsistent);
+    assert!(
+        sent(&outs)
+            .iter()
+            .any(|m| matches!(m, Message::State { .. })),
+        "the Primary is told at once: {outs:?}"
+    );
+    assert_eq!(
+        acks(&outs),
+        vec![],
+        "no ack before the superblock is durable"
+    );
+    let sb = superblock_write(&outs).expect("the Inconsistent superblock is written");
+    let outs = finish(&mut p.b, ops[1].0, Ok(Bytes::new()));
+    assert_eq!(acks(&outs), vec![], "later acks wait behind the failed one");
+    let flush = disk_ops(&outs);
+    assert_eq!(flush.len(), 1);
+    assert_eq!(flush[0].1, DiskOp::Flush);
+    let outs = finish(&mut p.b, flush[0].0, Ok(Bytes::new()));
+    assert_eq!(acks(&outs), vec![]);
+    let outs = finish(&mut p.b, sb, Ok(Bytes::new()));
+    assert_eq!(
+        acks(&outs),
+        vec![
+            Message::WriteAck {
+                id: RequestId(1000),
+                error: 5
+            },
+            Message::WriteAck {
+                id: RequestId(1001),
+                error: 0
+            },
+            Message::BarrierAck {
+                id: RequestId(1002),
+                error: 0
+            },
+        ]
+    );
+    // Nothing is held any more: the next write is acknowledged at once.
+    p.b.handle(
+        Time(0),
+        Input::PeerFrame(Message::Write {
+            id: RequestId(1003),
+            offset: 8192,
+            flags: 0,
+            len_bytes: 4096,
+            data: Bytes::from(vec![2u8; 4096]),
+        }),
+    );
+    let ops = disk_ops(&settle_meta(&mut p.b));
+    let outs = finish(&mut p.b, ops[0].0, Ok(Bytes::new()));
+    assert_eq!(
+        acks(&outs),
+        vec![Message::WriteAck {
+            id: RequestId(1003),
+            error: 0
+        }]
+    );
+}
+
+#[test]
+fn a_failed_barrier_flush_makes_the_secondary_inconsistent_and_the_primary_marks_the_writes() {
+    use replicator_core::engine::DiskError;
+    // A write-back error shows only at the flush (fsync's EIO; with
+    // `direct = false` that is how a failing disk reports lost writes).
+    // Writes the Secondary acknowledged may then be missing from its disk:
+    // it turns Inconsistent (persisted before the BarrierAck), and the
+    // Primary marks every write its peer has not flushed out of sync,
+    // instead of dropping them from its transfer log as durable.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.a.handle(Time(0), write_req(1, 0, false));
+    let oa = settle_meta(&mut p.a);
+    for m in sent(&oa) {
+        p.b.handle(Time(0), Input::PeerFrame(m));
+    }
+    let ob = settle_meta(&mut p.b);
+    let (wop, _) = disk_ops(&ob)
+        .into_iter()
+        .find(|(_, k)| matches!(k, DiskOp::Write { .. }))
+        .expect("the secondary writes the block");
+    let ob = done(&mut p.b, wop);
+    for m in sent(&ob) {
+        p.a.handle(Time(0), Input::PeerFrame(m));
+    }
+    let (aop, _) = disk_ops(&oa)
+        .into_iter()
+        .find(|(_, k)| matches!(k, DiskOp::Write { .. }))
+        .expect("the primary writes the block");
+    let outs = done(&mut p.a, aop);
+    assert!(
+        matches!(completions(&outs)[..], [(ClientId(1), Ok(_))]),
+        "{outs:?}"
+    );
+    assert_eq!(p.a.status().out_of_sync_bytes, 0);
+    // The client flushes: a Barrier to the Secondary, whose flush fails.
+    p.a.handle(
+        Time(0),
+        Input::Client {
+            id: ClientId(2),
+            request: ClientRequest::Flush,
+        },
+    );
+    let oa = drain(&mut p.a);
+    for m in sent(&oa) {
+        p.b.handle(Time(0), Input::PeerFrame(m));
+    }
+    let ob = drain(&mut p.b);
+    let flush = disk_ops(&ob);
+    assert_eq!(flush.len(), 1, "{ob:?}");
+    assert_eq!(flush[0].1, DiskOp::Flush);
+    let outs = finish(&mut p.b, flush[0].0, Err(DiskError { code: 5 }));
+    assert_eq!(p.b.disk_state(), DiskState::Inconsistent);
+    assert_eq!(acks(&outs), vec![], "held until the superblock is durable");
+    let mut to_a = sent(&outs);
+    let sb = superblock_write(&outs).expect("the Inconsistent superblock is written");
+    to_a.extend(sent(&finish(&mut p.b, sb, Ok(Bytes::new()))));
+    assert!(to_a.contains(&Message::BarrierAck {
+        id: match sent(&oa)[0] {
+            Message::Barrier { id } => id,
+            ref m => panic!("expected a Barrier, got {m:?}"),
+        },
+        error: 5
+    }));
+    for m in to_a {
+        p.a.handle(Time(0), Input::PeerFrame(m));
+    }
+    let (fop, _) = disk_ops(&oa)
+        .into_iter()
+        .find(|(_, k)| *k == DiskOp::Flush)
+        .expect("the primary flushes too");
+    let outs = done(&mut p.a, fop);
+    // The Primary's own copy is durable: the client's flush succeeds.
+    assert_eq!(completions(&outs), vec![(ClientId(2), Ok(Bytes::new()))]);
+    assert_eq!(p.a.status().peer_disk, Some(DiskState::Inconsistent));
+    assert_eq!(
+        p.a.status().out_of_sync_bytes,
+        4096,
+        "the write the peer acknowledged but could not flush is marked"
+    );
 }
 
 #[test]

@@ -117,6 +117,24 @@ fn a_secondary_whose_disk_writes_fail_is_not_failed_over_to() {
 }
 
 #[test]
+fn a_secondary_whose_disk_flushes_fail_is_not_failed_over_to() {
+    // Invariant 6 under a write-back error: the Secondary's writes succeed
+    // but its flushes fail and lose them (what fsync's EIO reports), while
+    // the Primary acknowledges every write. The Secondary must turn
+    // Inconsistent rather than pass for a full copy: refused at failover,
+    // then the resync of every write it did not flush makes the replicas
+    // converge.
+    for r in pass(Scenario::SecondaryFlushFails, &[1, 2, 3, 4, 5]) {
+        assert_eq!(
+            (r.crashes, r.failovers_refused, r.failovers),
+            (1, 1, 0),
+            "{r:?}"
+        );
+        assert!(r.disk_flush_errors > 0 && r.writes_acked > 100, "{r:?}");
+    }
+}
+
+#[test]
 fn fixed_random_seeds_pass() {
     // Random fault mixes (crashes, failovers, partitions, corruption,
     // verify, invalidate, pause, switchover, torn metadata).

@@ -26,7 +26,7 @@ const USAGE: &str = "usage: replicator-sim (--seconds N | --seed S) [--scenario 
 sim faults: ack-before-peer, forget-out-of-sync, ignore-frame-order
 scenarios: random (default), primary-crash, secondary-crash, partition, partition-resync,
            corrupt-dup, reorder, split-brain, flush-disconnect, torn-metadata,
-           secondary-disk-fails";
+           secondary-disk-fails, secondary-flush-fails";
 
 fn scenario(name: &str) -> Option<Scenario> {
     Some(match name {
@@ -41,6 +41,7 @@ fn scenario(name: &str) -> Option<Scenario> {
         "flush-disconnect" => Scenario::FlushRacingDisconnect,
         "torn-metadata" => Scenario::TornMetadataSlot,
         "secondary-disk-fails" => Scenario::SecondaryDiskFails,
+        "secondary-flush-fails" => Scenario::SecondaryFlushFails,
         _ => return None,
     })
 }

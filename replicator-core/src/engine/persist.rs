@@ -104,6 +104,7 @@ impl Engine {
             self.write_superblock();
         }
         self.superblock_durable();
+        self.release_held_acks();
     }
 
     /// Write every bitmap page changed since it was last persisted.

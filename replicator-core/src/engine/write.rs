@@ -107,6 +107,12 @@ pub(super) struct PeerSide {
     /// Barriers received and not yet answered: (id, epoch it closes).
     pub barriers: VecDeque<(RequestId, u64)>,
     pub barrier_flushing: bool,
+    /// Acks held back until the superblock sequence `.0` is durable: after
+    /// a write or flush of the Primary's data failed here, every later ack
+    /// waits (in order) until this disk is durably marked Inconsistent, so
+    /// a crash of this node cannot bring it back UpToDate while the
+    /// Primary believes it was told.
+    pub held_acks: Option<(u64, Vec<Message>)>,
 }
 
 impl Engine {
@@ -527,12 +533,28 @@ impl Engine {
         self.maybe_finish_app(id);
     }
 
-    pub(super) fn on_barrier_ack(&mut self, id: RequestId, _error: u16) {
+    pub(super) fn on_barrier_ack(&mut self, id: RequestId, error: u16) {
         let Some((epoch, flush)) = self.primary.barriers.remove(&id) else {
             self.protocol_error(format!("BarrierAck for unknown {id}"));
             return;
         };
-        // Everything of this epoch and before is durable on the peer.
+        if error != 0 {
+            // The peer's flush failed: any write it completed since its last
+            // good flush may be lost there, later epochs' included (the
+            // failed flush covered them too). All are marked out of sync;
+            // the transfer log keeps them until a good flush covers them.
+            let tl: Vec<(u64, u64)> = self
+                .primary
+                .transfer_log
+                .iter()
+                .map(|&(o, l, _)| (o, l))
+                .collect();
+            for (o, l) in tl {
+                self.mark_oos(o, l);
+            }
+        }
+        // Everything of this epoch and before is durable on the peer (or,
+        // after an error, marked out of sync).
         while self
             .primary
             .transfer_log
@@ -593,6 +615,9 @@ impl Engine {
         }
         self.peer.barriers.clear();
         self.peer.last_write_id = None;
+        // Acks held for the Primary of this connection: it marks the
+        // unacknowledged writes out of sync when it sees the link drop.
+        self.peer.held_acks = None;
     }
 
     // ----- secondary side -----
@@ -677,7 +702,7 @@ impl Engine {
             self.local_write_failed();
         }
         if self.replicating {
-            self.send(Message::WriteAck {
+            self.send_peer_ack(Message::WriteAck {
                 id: w.id,
                 error: if ok { 0 } else { 5 },
             });
@@ -685,21 +710,52 @@ impl Engine {
         self.pump_barriers();
     }
 
+    /// Send a WriteAck or BarrierAck, or queue it behind the acks held
+    /// until the Inconsistent superblock is durable.
+    fn send_peer_ack(&mut self, m: Message) {
+        match &mut self.peer.held_acks {
+            Some((_, held)) => held.push(m),
+            None => self.send(m),
+        }
+    }
+
+    /// A superblock write finished: release the acks held for it.
+    pub(super) fn release_held_acks(&mut self) {
+        let durable = self.persist.sb_durable;
+        if self
+            .peer
+            .held_acks
+            .as_ref()
+            .is_some_and(|(seq, _)| *seq <= durable)
+        {
+            let (_, held) = self.peer.held_acks.take().expect("checked above");
+            if self.replicating {
+                for m in held {
+                    self.send(m);
+                }
+            }
+        }
+    }
+
     /// A write the Primary sent failed on this disk. The Primary still
     /// acknowledges it to its client (its own copy holds it), so this disk
     /// no longer holds every acknowledged write and must not pass for a
     /// usable copy: a failover to it would lose them. It is Inconsistent
     /// until a resync of the marked blocks brings it up to date; that is
-    /// persisted and told to the Primary (before the failed WriteAck), and
-    /// a promotion then needs `--force`.
+    /// persisted and told to the Primary, and a promotion then needs
+    /// `--force`. The failed ack, and every ack after it, waits until the
+    /// superblock saying so is durable.
     fn local_write_failed(&mut self) {
         if matches!(
             self.disk,
             DiskState::UpToDate | DiskState::Consistent | DiskState::Outdated
         ) {
             self.set_disk(DiskState::Inconsistent);
-            self.write_superblock();
+            let seq = self.write_superblock();
             self.send_state_update();
+            if self.persist.sb_durable < seq && self.peer.held_acks.is_none() {
+                self.peer.held_acks = Some((seq, Vec::new()));
+            }
         }
     }
 
@@ -737,12 +793,19 @@ impl Engine {
         self.new_op(OpPurpose::BarrierFlush(id), DiskOp::Flush);
     }
 
+    /// A failed flush means writes that completed here may not be on the
+    /// disk (a write-back error: Linux reports it once, at fsync). Which
+    /// blocks is not known on this side; the Primary marks every write it
+    /// has not seen flushed. This disk is no copy to fail over to.
     pub(super) fn barrier_flush_done(&mut self, id: RequestId, ok: bool) {
         self.peer.barrier_flushing = false;
+        if !ok {
+            self.local_write_failed();
+        }
         if self.peer.barriers.front().map(|b| b.0) == Some(id) {
             self.peer.barriers.pop_front();
             if self.replicating {
-                self.send(Message::BarrierAck {
+                self.send_peer_ack(Message::BarrierAck {
                     id,
                     error: if ok { 0 } else { 5 },
                 });

@@ -118,6 +118,22 @@ impl SimDisk {
         }
     }
 
+    /// A failed flush (a write-back error): the unflushed writes never
+    /// reach the medium, FUA ones aside, and reads show what it holds.
+    /// Returns whether any write was lost.
+    pub fn lose_unflushed(&mut self) -> bool {
+        let mut lost = false;
+        for p in std::mem::take(&mut self.unflushed) {
+            if p.durable {
+                self.durable.write(p.offset, &p.data);
+            } else {
+                lost = true;
+            }
+        }
+        self.visible = self.durable.clone();
+        lost
+    }
+
     /// Power loss: each unflushed write independently survives or not
     /// (applied in order); the visible image becomes the durable one.
     pub fn crash(&mut self, rng: &mut SplitMix64) {

@@ -70,6 +70,9 @@ pub enum Scenario {
     /// The Secondary's data writes fail (a full or broken disk) while the
     /// Primary acknowledges them, then the Primary crashes.
     SecondaryDiskFails,
+    /// The Secondary's flushes fail and lose the writes they should have
+    /// made durable (a write-back error), then the Primary crashes.
+    SecondaryFlushFails,
 }
 
 /// What to simulate.
@@ -108,6 +111,8 @@ pub struct SimReport {
     pub failovers_refused: u64,
     /// Data writes that failed on a failing disk.
     pub disk_write_errors: u64,
+    /// Data flushes that failed on a failing disk.
+    pub disk_flush_errors: u64,
     pub frames_corrupted: u64,
     pub frames_duplicated: u64,
     /// Frames delivered before the frame sent just ahead of them.
@@ -158,6 +163,9 @@ enum Action {
     Admin(usize, AdminCommand),
     /// Node `.0`'s data writes start (true) or stop (false) failing.
     DiskFails(usize, bool),
+    /// Node `.0`'s data flushes start (true) or stop (false) failing; a
+    /// failed flush loses the writes it covered.
+    FlushFails(usize, bool),
     /// Corrupt / duplicate / reorder frames with these per-mille rates.
     NetFaults {
         corrupt: u64,
@@ -197,6 +205,7 @@ struct Node {
     crash_on_superblock_write: bool,
     /// Data writes fail (ENOSPC) and change nothing.
     disk_fails: bool,
+    flush_fails: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -591,6 +600,19 @@ impl World {
                         kind,
                         DiskOp::Write { .. } | DiskOp::Zero { .. } | DiskOp::Trim { .. }
                     );
+                if n.flush_fails && kind == DiskOp::Flush {
+                    self.report.disk_flush_errors += 1;
+                    if n.data.lose_unflushed() {
+                        self.lost_writes[node] = true;
+                    }
+                    return self.feed(
+                        node,
+                        Input::DiskDone {
+                            op,
+                            result: Err(crate::engine::DiskError { code: 5 }),
+                        },
+                    );
+                }
                 if fails {
                     self.report.disk_write_errors += 1;
                     self.lost_writes[node] = true;
@@ -971,6 +993,7 @@ impl World {
                 }
             }
             Action::DiskFails(n, on) => self.nodes[n].disk_fails = on,
+            Action::FlushFails(n, on) => self.nodes[n].flush_fails = on,
             Action::Partition => {
                 self.partitioned = true;
                 self.link_down_both()?;
@@ -1309,6 +1332,7 @@ fn new_node(name: &'static str, layout: &MetadataLayout) -> Result<Node, String>
         tear_next_meta: false,
         crash_on_superblock_write: false,
         disk_fails: false,
+        flush_fails: false,
     })
 }
 
@@ -1588,6 +1612,12 @@ fn plan(w: &mut World, rng: &mut SplitMix64, start: u64) {
             s.push((t(100), Action::DiskFails(1, true)));
             s.push((t(300), Action::Crash(0)));
             s.push((t(400), Action::DiskFails(1, false)));
+            s.push((t(500), Action::Restart(0)));
+        }
+        Scenario::SecondaryFlushFails => {
+            s.push((t(100), Action::FlushFails(1, true)));
+            s.push((t(300), Action::Crash(0)));
+            s.push((t(400), Action::FlushFails(1, false)));
             s.push((t(500), Action::Restart(0)));
         }
         Scenario::Random => random_plan(w, rng, &mut s, start),
