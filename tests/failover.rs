@@ -541,3 +541,180 @@ fn a_secondary_whose_disk_writes_fail_is_not_promoted_without_force() {
     c.assert_replicas_identical();
     drop(c);
 }
+
+/// A disk with a volatile write cache that loses it: nbdkit's eval plugin
+/// over a file, mounted as a file by nbdfuse. While `trigger` exists,
+/// writes are accepted and dropped, and flushes fail with EIO: a write-back
+/// error, which Linux reports only at fsync.
+struct FlakyFlushDisk {
+    mount: std::path::PathBuf,
+    /// The file nbdfuse shows (bravo's disk).
+    file: std::path::PathBuf,
+    /// The medium: what survived the cache.
+    back: std::path::PathBuf,
+    trigger: std::path::PathBuf,
+    fuse: Child,
+}
+
+impl FlakyFlushDisk {
+    fn start(dir: &Path, size: u64) -> FlakyFlushDisk {
+        common::require_tool("nbdfuse", "libnbd-bin");
+        common::require_tool("nbdkit", "nbdkit");
+        let back = dir.join("flaky-back.img");
+        std::fs::File::create(&back)
+            .and_then(|f| f.set_len(size))
+            .expect("backing file");
+        let trigger = dir.join("flaky-trigger");
+        let mount = dir.join("flaky");
+        std::fs::create_dir_all(&mount).expect("mount point");
+        let file = mount.join("disk");
+        let (b, t) = (back.display(), trigger.display());
+        let fuse = Command::new("nbdfuse")
+            .arg(&file)
+            .args(["[", "nbdkit", "eval"])
+            .arg(format!("get_size=stat -c %s {b}"))
+            .arg(format!(
+                "pread=dd if={b} bs=64k iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none"
+            ))
+            .arg(format!(
+                "pwrite=if [ -e {t} ]; then cat >/dev/null; exit 0; fi; \
+                 dd of={b} bs=64k oflag=seek_bytes conv=notrunc seek=$4 status=none"
+            ))
+            .arg(format!(
+                "flush=if [ -e {t} ]; then echo 'EIO write-back failed (injected)' >&2; exit 1; fi"
+            ))
+            .args(["can_write=exit 0", "can_flush=exit 0", "]"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("run nbdfuse");
+        let mut d = FlakyFlushDisk {
+            mount,
+            file,
+            back,
+            trigger,
+            fuse,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::metadata(&d.file).is_ok_and(|m| m.len() == size) {
+            assert!(
+                d.fuse.try_wait().expect("nbdfuse status").is_none(),
+                "nbdfuse exited"
+            );
+            assert!(Instant::now() < deadline, "nbdfuse did not show the disk");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn medium(&self, offset: u64, len: usize) -> Vec<u8> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&self.back).expect("open the medium");
+        f.seek(SeekFrom::Start(offset)).expect("seek");
+        let mut buf = vec![0u8; len];
+        f.read_exact(&mut buf).expect("read the medium");
+        buf
+    }
+
+    fn failing(&self, on: bool) {
+        if on {
+            std::fs::write(&self.trigger, b"").expect("trigger");
+        } else {
+            std::fs::remove_file(&self.trigger).expect("remove trigger");
+        }
+    }
+}
+
+impl Drop for FlakyFlushDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        let _ = self.fuse.kill();
+        let _ = self.fuse.wait();
+    }
+}
+
+#[test]
+fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
+    // Invariant 6 with a write-back error: bravo's disk (direct = false)
+    // accepts writes into a cache and then fails the flush that should
+    // have made them durable, losing them. Bravo answered those writes as
+    // done; alpha acknowledged them to the client. Bravo must turn
+    // Inconsistent when its flush fails, and refuse an unforced promotion
+    // once alpha is killed; alpha must have marked the lost writes, so the
+    // resync after its return restores them.
+    let c = Cluster::prepare(ClusterSpec {
+        disk_bytes: 16 * MIB,
+        ..ClusterSpec::default()
+    });
+    let flaky = FlakyFlushDisk::start(c.dir(), 16 * MIB);
+    std::fs::remove_file(&c.nodes[1].disk).expect("remove bravo's file");
+    // Its metadata is in a file of its own, made for a disk of this size.
+    std::os::unix::fs::symlink(&flaky.file, &c.nodes[1].disk).expect("link bravo's disk");
+    let mut c = c.started();
+    let uri = c.alpha().uri();
+    let out = common::cluster::qemu_io(&uri, &["write -P 0x5a 0 1M", "flush"]);
+    assert!(!out.contains("error"), "{out}");
+    assert_eq!(c.bravo().status()["disk"], "UpToDate");
+
+    flaky.failing(true);
+    let out = common::cluster::qemu_io(&uri, &["write -P 0xa5 1M 1M", "flush"]);
+    assert!(
+        !out.contains("error"),
+        "alpha's own copy is durable: the client's write and flush succeed: {out}"
+    );
+    c.bravo()
+        .wait_status("Inconsistent after its flush failed", STATE_TIMEOUT, |s| {
+            s["disk"] == "Inconsistent"
+        });
+    c.alpha()
+        .wait_status("sees bravo Inconsistent", STATE_TIMEOUT, |s| {
+            s["peer_disk"] == "Inconsistent" && s["out_of_sync_bytes"].as_u64() >= Some(MIB)
+        });
+    assert!(
+        flaky.medium(MIB, MIB as usize) != vec![0xa5; MIB as usize],
+        "the injected write-back error lost the writes on bravo's disk"
+    );
+    c.nodes[0].kill_hard();
+    let refused = c.bravo().replctl(&["primary"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("Inconsistent"),
+        "{err}"
+    );
+    assert!(!c.bravo().serves_nbd(), "bravo must not serve its copy");
+
+    flaky.failing(false);
+    c.nodes[0].start();
+    c.wait_in_sync(RESYNC_TIMEOUT);
+    let mut want = vec![0x5a; MIB as usize];
+    want.extend(vec![0xa5; MIB as usize]);
+    assert!(
+        flaky.medium(0, 2 * MIB as usize) == want,
+        "bravo's disk lacks the acknowledged writes after the resync"
+    );
+    c.assert_replicas_identical();
+
+    // Again with alpha alive, so no crash recovery marks its hot extents:
+    // the resync restores the lost writes only if alpha marked them when
+    // bravo's flush failed. The operator reconnects bravo once its disk
+    // is sound.
+    c.alpha().replctl_ok(&["primary"]);
+    c.alpha().wait_nbd();
+    flaky.failing(true);
+    let out = common::cluster::qemu_io(&uri, &["write -P 0x3c 2M 1M", "flush"]);
+    assert!(!out.contains("error"), "{out}");
+    c.bravo()
+        .wait_status("Inconsistent after its flush failed", STATE_TIMEOUT, |s| {
+            s["disk"] == "Inconsistent"
+        });
+    flaky.failing(false);
+    c.bravo().replctl_ok(&["disconnect"]);
+    c.bravo().replctl_ok(&["connect"]);
+    c.wait_in_sync(RESYNC_TIMEOUT);
+    assert!(
+        flaky.medium(2 * MIB, MIB as usize) == vec![0x3c; MIB as usize],
+        "the resync did not restore the writes bravo's failed flush lost"
+    );
+    c.assert_replicas_identical();
+    drop(c);
+    drop(flaky);
+}
