@@ -695,8 +695,8 @@ fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
 
     // Again with alpha alive, so no crash recovery marks its hot extents:
     // the resync restores the lost writes only if alpha marked them when
-    // bravo's flush failed. The operator reconnects bravo once its disk
-    // is sound.
+    // bravo's flush failed. The operator runs `replctl resync` on bravo
+    // once its disk is sound.
     c.alpha().replctl_ok(&["primary"]);
     c.alpha().wait_nbd();
     flaky.failing(true);
@@ -707,8 +707,16 @@ fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
             s["disk"] == "Inconsistent"
         });
     flaky.failing(false);
-    c.bravo().replctl_ok(&["disconnect"]);
-    c.bravo().replctl_ok(&["connect"]);
+    let out = c
+        .bravo()
+        .replctl_within(&["resync", "--wait"], RESYNC_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "resync --wait on the Inconsistent secondary: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.bravo().status()["disk"], "UpToDate");
     c.wait_in_sync(RESYNC_TIMEOUT);
     assert!(
         flaky.medium(2 * MIB, MIB as usize) == vec![0x3c; MIB as usize],

@@ -135,6 +135,19 @@ fn a_secondary_whose_disk_flushes_fail_is_not_failed_over_to() {
 }
 
 #[test]
+fn a_sync_target_whose_flushes_fail_resyncs_what_they_lost() {
+    // Invariant 4 under a write-back error during a resync: bravo, the
+    // SyncTarget after a partition, loses resync data and mirrored writes
+    // to failed flushes. It must send exactly those ranges round again
+    // (nobody else knows them: the source cleared its bits when it sent
+    // the data); after the resync it crashes, and its disk must hold every
+    // acknowledged write it had flushed.
+    for r in pass(Scenario::SyncTargetFlushFails, &[1, 2, 3, 4, 5, 6]) {
+        assert!(r.disk_flush_errors > 0 && r.crashes == 1, "{r:?}");
+    }
+}
+
+#[test]
 fn fixed_random_seeds_pass() {
     // Random fault mixes (crashes, failovers, partitions, corruption,
     // verify, invalidate, pause, switchover, torn metadata).

@@ -26,7 +26,7 @@ const USAGE: &str = "usage: replicator-sim (--seconds N | --seed S) [--scenario 
 sim faults: ack-before-peer, forget-out-of-sync, ignore-frame-order
 scenarios: random (default), primary-crash, secondary-crash, partition, partition-resync,
            corrupt-dup, reorder, split-brain, flush-disconnect, torn-metadata,
-           secondary-disk-fails, secondary-flush-fails";
+           secondary-disk-fails, secondary-flush-fails, sync-target-flush-fails";
 
 fn scenario(name: &str) -> Option<Scenario> {
     Some(match name {
@@ -42,6 +42,7 @@ fn scenario(name: &str) -> Option<Scenario> {
         "torn-metadata" => Scenario::TornMetadataSlot,
         "secondary-disk-fails" => Scenario::SecondaryDiskFails,
         "secondary-flush-fails" => Scenario::SecondaryFlushFails,
+        "sync-target-flush-fails" => Scenario::SyncTargetFlushFails,
         _ => return None,
     })
 }

@@ -14,6 +14,7 @@
 //! decision, disconnect), `resync` (resync and verify), `persist` (metadata
 //! writes), [`rng`] (seeded PRNG).
 
+mod durability;
 mod handshake;
 pub mod io;
 mod persist;
@@ -106,6 +107,7 @@ pub struct Engine {
     locks: Vec<(u64, u64, LockOwner)>,
     primary: PrimarySide,
     peer: PeerSide,
+    unflushed: durability::Unflushed,
     hs: Handshake,
     target: Option<TargetState>,
     source: Option<SourceState>,
@@ -134,6 +136,8 @@ enum OpPurpose {
     ResyncWrite(u64),
     VerifyRead(u64),
     TargetFinalFlush,
+    /// A Secondary's flush after many writes no other flush covered.
+    CheckpointFlush,
     Superblock(u64),
     AlGroup(u64),
     AlPreFlush(u64),
@@ -205,6 +209,7 @@ impl Engine {
             locks: Vec::new(),
             primary: PrimarySide::default(),
             peer: PeerSide::default(),
+            unflushed: durability::Unflushed::default(),
             hs: Handshake::default(),
             target: None,
             source: None,
@@ -412,6 +417,15 @@ impl Engine {
         }
     }
 
+    /// Whether an Established pair is not in sync: blocks marked here, or
+    /// either disk not UpToDate (a Secondary whose disk failed writes knows
+    /// no blocks; its Primary marked them).
+    pub fn needs_resync(&self) -> bool {
+        self.bitmap.out_of_sync_bytes() > 0
+            || self.disk != DiskState::UpToDate
+            || self.peer_disk != Some(DiskState::UpToDate)
+    }
+
     fn report_oos(&mut self) {
         let bytes = self.bitmap.out_of_sync_bytes();
         self.push(Output::Event(Event::OutOfSync { bytes }));
@@ -479,6 +493,16 @@ impl Engine {
             // Unknown completion: a caller bug, never peer input.
             panic!("disk completion for unknown {op:?}");
         };
+        if matches!(
+            purpose,
+            OpPurpose::BarrierFlush(_)
+                | OpPurpose::TargetFinalFlush
+                | OpPurpose::CheckpointFlush
+                | OpPurpose::AlPreFlush(_)
+                | OpPurpose::AppFlush(_)
+        ) {
+            self.data_flush_done(op, result.is_ok());
+        }
         match purpose {
             OpPurpose::AppWrite(id) => self.app_write_done(id, result.is_ok()),
             OpPurpose::AppRead(id) => {
@@ -494,6 +518,7 @@ impl Engine {
             OpPurpose::ResyncWrite(key) => self.resync_write_done(key, result.is_ok()),
             OpPurpose::VerifyRead(key) => self.verify_read_done(key, result),
             OpPurpose::TargetFinalFlush => self.target_final_flush_done(result.is_ok()),
+            OpPurpose::CheckpointFlush => self.unflushed.checkpoint_done(),
             OpPurpose::Superblock(seq) => self.superblock_done(seq),
             OpPurpose::AlGroup(seq) => self.al_group_part_done(seq),
             OpPurpose::AlPreFlush(seq) => self.al_preflush_done(seq),
@@ -555,6 +580,11 @@ impl Engine {
             AdminCommand::StartResync => {
                 if self.conn == ConnState::StandAlone {
                     self.set_conn(ConnState::Connecting);
+                } else if self.repl == ReplState::Established && self.needs_resync() {
+                    // A resync starts at a handshake: after a verify found
+                    // differences, or after the Secondary's disk failed
+                    // writes and turned Inconsistent.
+                    self.renegotiate("resync");
                 }
                 Ok(())
             }

@@ -151,7 +151,7 @@ impl Engine {
             self.write_al_block(tx);
         } else {
             self.persist.al_staged = Some(tx);
-            self.new_op(OpPurpose::AlPreFlush(seq), DiskOp::Flush);
+            self.issue_data_flush(OpPurpose::AlPreFlush(seq));
         }
     }
 

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+use super::durability::UNFLUSHED_MAX_RANGES;
 use super::write::DataItem;
 use super::{
     AdminError, ConnState, DiskError, DiskOp, Engine, Event, LockOwner, OpPurpose, Output,
@@ -217,7 +218,9 @@ impl Engine {
         }
         t.throttled_until = None;
         let mut requests = Vec::new();
-        while t.inflight.len() + t.writes.len() < RESYNC_MAX_INFLIGHT_REQUESTS {
+        while t.inflight.len() + t.writes.len() < RESYNC_MAX_INFLIGHT_REQUESTS
+            && self.unflushed.len() < 2 * UNFLUSHED_MAX_RANGES
+        {
             if let Some(rate) = rate {
                 // Allowed bytes so far at the configured rate.
                 let at_rate = |ns: u64| (u128::from(rate) * u128::from(ns) / 1_000_000_000) as u64;
@@ -309,7 +312,7 @@ impl Engine {
             self.pump_data_queue();
         }
         if finishing {
-            self.new_op(OpPurpose::TargetFinalFlush, DiskOp::Flush);
+            self.issue_data_flush(OpPurpose::TargetFinalFlush);
         }
     }
 
@@ -469,6 +472,7 @@ impl Engine {
         if ok {
             t.done_bytes += item.len;
             let _ = self.bitmap.clear_range(item.offset, item.len);
+            self.wrote_unflushed(item.offset, item.len);
         }
     }
 
@@ -531,6 +535,11 @@ impl Engine {
         let role = self.peer_role;
         self.set_peer(role, Some(DiskState::UpToDate));
         self.report_oos();
+        if self.bitmap.count() > 0 {
+            // Blocks marked while the resync ran (the target's disk failed
+            // a write or a flush): another round, from a new handshake.
+            self.renegotiate("blocks marked during the resync");
+        }
     }
 
     pub(super) fn resync_link_lost(&mut self) {

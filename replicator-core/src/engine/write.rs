@@ -107,6 +107,11 @@ pub(super) struct PeerSide {
     /// Barriers received and not yet answered: (id, epoch it closes).
     pub barriers: VecDeque<(RequestId, u64)>,
     pub barrier_flushing: bool,
+    /// A flush of the data disk failed since the last BarrierAck: writes
+    /// acknowledged to the Primary may be lost, so the next BarrierAck
+    /// reports an error (the Primary then marks every write not yet
+    /// covered by a good one).
+    pub flush_failed: bool,
     /// Acks held back until the superblock sequence `.0` is durable: after
     /// a write or flush of the Primary's data failed here, every later ack
     /// waits (in order) until this disk is durably marked Inconsistent, so
@@ -443,6 +448,8 @@ impl Engine {
         if !ok {
             // The local copy may now be wrong: the peer's is the good one.
             self.mark_oos(offset, len);
+        } else {
+            self.wrote_unflushed(offset, len);
         }
         self.unlock(LockOwner::App(id));
         let held = std::mem::replace(
@@ -522,7 +529,7 @@ impl Engine {
         w.barrier = self.send_barrier(Some(id));
         w.peer_done = w.barrier.is_none();
         self.app.insert(id, w);
-        self.new_op(OpPurpose::AppFlush(id), DiskOp::Flush);
+        self.issue_data_flush(OpPurpose::AppFlush(id));
     }
 
     pub(super) fn app_flush_local_done(&mut self, id: ClientId, ok: bool) {
@@ -618,6 +625,7 @@ impl Engine {
         // Acks held for the Primary of this connection: it marks the
         // unacknowledged writes out of sync when it sees the link drop.
         self.peer.held_acks = None;
+        self.peer.flush_failed = false;
     }
 
     // ----- secondary side -----
@@ -700,6 +708,8 @@ impl Engine {
         if !ok {
             self.mark_oos(w.offset, w.len);
             self.local_write_failed();
+        } else {
+            self.wrote_unflushed(w.offset, w.len);
         }
         if self.replicating {
             self.send_peer_ack(Message::WriteAck {
@@ -745,7 +755,7 @@ impl Engine {
     /// persisted and told to the Primary, and a promotion then needs
     /// `--force`. The failed ack, and every ack after it, waits until the
     /// superblock saying so is durable.
-    fn local_write_failed(&mut self) {
+    pub(super) fn local_write_failed(&mut self) {
         if matches!(
             self.disk,
             DiskState::UpToDate | DiskState::Consistent | DiskState::Outdated
@@ -790,19 +800,13 @@ impl Engine {
             return;
         }
         self.peer.barrier_flushing = true;
-        self.new_op(OpPurpose::BarrierFlush(id), DiskOp::Flush);
+        self.issue_data_flush(OpPurpose::BarrierFlush(id));
     }
 
-    /// A failed flush means writes that completed here may not be on the
-    /// disk (a write-back error: Linux reports it once, at fsync). Which
-    /// blocks is not known on this side; the Primary marks every write it
-    /// has not seen flushed. This disk is no copy to fail over to.
     pub(super) fn barrier_flush_done(&mut self, id: RequestId, ok: bool) {
         self.peer.barrier_flushing = false;
-        if !ok {
-            self.local_write_failed();
-        }
         if self.peer.barriers.front().map(|b| b.0) == Some(id) {
+            let ok = ok && !std::mem::take(&mut self.peer.flush_failed);
             self.peer.barriers.pop_front();
             if self.replicating {
                 self.send_peer_ack(Message::BarrierAck {

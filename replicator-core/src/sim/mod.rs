@@ -73,6 +73,9 @@ pub enum Scenario {
     /// The Secondary's flushes fail and lose the writes they should have
     /// made durable (a write-back error), then the Primary crashes.
     SecondaryFlushFails,
+    /// A SyncTarget's flushes fail and lose resync data and mirrored
+    /// writes; after the resync it crashes, and must hold every write.
+    SyncTargetFlushFails,
 }
 
 /// What to simulate.
@@ -97,6 +100,10 @@ impl SimConfig {
         }
     }
 }
+
+/// How many times (10 ms apart) the operator's `resync` waits for a
+/// resync or verify in progress to end.
+const OPERATOR_RESYNC_TRIES: u32 = 1000;
 
 /// A successful run's figures.
 #[derive(Debug, Clone, Default)]
@@ -166,6 +173,16 @@ enum Action {
     /// Node `.0`'s data flushes start (true) or stop (false) failing; a
     /// failed flush loses the writes it covered.
     FlushFails(usize, bool),
+    /// The Secondary of the moment (if running) starts failing its data
+    /// writes, or with `flush` its flushes.
+    SecondaryDiskFaults {
+        flush: bool,
+    },
+    /// No disk fails any more; the operator then runs `resync`.
+    DiskFaultsOff,
+    /// The operator's `replctl resync` on both nodes, once no resync or
+    /// verify runs (retried every 10 ms, this many more times).
+    OperatorResync(u32),
     /// Corrupt / duplicate / reorder frames with these per-mille rates.
     NetFaults {
         corrupt: u64,
@@ -497,12 +514,17 @@ impl World {
             Output::Complete { id, result } => self.client_done(node, id, result)?,
             Output::Event(ev) => {
                 if let crate::engine::Event::VerifyDone { mismatched_bytes } = ev {
-                    if mismatched_bytes > 0 {
+                    // A disk that lost writes to errors differs, rightly.
+                    if mismatched_bytes > 0 && !self.lost_writes.iter().any(|&l| l) {
                         let diff = self.describe_differences();
                         return Err(self.fail(format!(
                             "{name}: online verify found {mismatched_bytes} bytes differing between Established replicas; {diff}"
                         )));
                     }
+                }
+                if ev == crate::engine::Event::Disk(DiskState::UpToDate) {
+                    // A resync brought back what its disk errors lost.
+                    self.lost_writes[node] = false;
                 }
                 if let crate::engine::Event::SplitBrain { .. } = ev {
                     self.report.split_brains_seen += 1;
@@ -908,6 +930,11 @@ impl World {
         self.report.crashes += 1;
         let name = self.nodes[node].name;
         self.log(format!("CRASH {name}"));
+        // A crash before its Inconsistent superblock was durable brings the
+        // node back looking UpToDate; its peer marked the writes it never
+        // acknowledged, and a failover is only tried to an Established
+        // peer, which has resynced them.
+        self.lost_writes[node] = false;
         let inflight = std::mem::take(&mut self.nodes[node].inflight);
         let tear = std::mem::take(&mut self.nodes[node].tear_next_meta);
         for (_, op) in inflight {
@@ -994,6 +1021,50 @@ impl World {
             }
             Action::DiskFails(n, on) => self.nodes[n].disk_fails = on,
             Action::FlushFails(n, on) => self.nodes[n].flush_fails = on,
+            Action::SecondaryDiskFaults { flush } => {
+                let n = 1 - self.client_node;
+                if self
+                    .engine(n)
+                    .is_some_and(|e| e.role() == NodeRole::Secondary)
+                {
+                    if flush {
+                        self.nodes[n].flush_fails = true;
+                    } else {
+                        self.nodes[n].disk_fails = true;
+                    }
+                }
+            }
+            Action::DiskFaultsOff => {
+                for n in &mut self.nodes {
+                    n.disk_fails = false;
+                    n.flush_fails = false;
+                }
+                // The operator's repair once the disk is sound.
+                self.script(Action::OperatorResync(OPERATOR_RESYNC_TRIES))?;
+            }
+            Action::OperatorResync(tries) => {
+                let busy = (0..2).any(|n| {
+                    self.engine(n).is_some_and(|e| {
+                        !matches!(
+                            e.status().replication,
+                            ReplState::Established | ReplState::Off
+                        )
+                    })
+                });
+                if busy && tries > 0 {
+                    self.at(
+                        self.now + 10_000_000,
+                        Ev::Script(Action::OperatorResync(tries - 1)),
+                    );
+                    return Ok(());
+                }
+                // A no-op for a pair in sync.
+                for n in 0..2 {
+                    if self.engine(n).is_some() {
+                        self.feed(n, Input::Admin(AdminCommand::StartResync))?;
+                    }
+                }
+            }
             Action::Partition => {
                 self.partitioned = true;
                 self.link_down_both()?;
@@ -1620,6 +1691,14 @@ fn plan(w: &mut World, rng: &mut SplitMix64, start: u64) {
             s.push((t(400), Action::FlushFails(1, false)));
             s.push((t(500), Action::Restart(0)));
         }
+        Scenario::SyncTargetFlushFails => {
+            s.push((t(100), Action::Partition));
+            s.push((t(300), Action::Heal));
+            s.push((t(305), Action::FlushFails(1, true)));
+            s.push((t(450), Action::FlushFails(1, false)));
+            s.push((t(700), Action::Crash(1)));
+            s.push((t(800), Action::Restart(1)));
+        }
         Scenario::Random => random_plan(w, rng, &mut s, start),
     }
     if w.cfg.scenario == Scenario::SplitBrainBothPromoted {
@@ -1639,7 +1718,7 @@ fn random_plan(w: &World, rng: &mut SplitMix64, s: &mut Vec<(u64, Action)>, star
     for _ in 0..faults {
         t += rng.below(span / (faults + 1)) + 1_000_000;
         let d = 5_000_000 + rng.below(span / 4);
-        match rng.below(10) {
+        match rng.below(12) {
             0 => {
                 s.push((t, Action::Crash(0)));
                 s.push((t + d, Action::Restart(0)));
@@ -1679,6 +1758,11 @@ fn random_plan(w: &World, rng: &mut SplitMix64, s: &mut Vec<(u64, Action)>, star
                 s.push((t + d, Action::Admin(1, AdminCommand::ResumeSync)));
             }
             8 => s.push((t, Action::Switchover)),
+            9 | 10 => {
+                let flush = rng.chance(1, 2);
+                s.push((t, Action::SecondaryDiskFaults { flush }));
+                s.push((t + d, Action::DiskFaultsOff));
+            }
             _ => {
                 s.push((t, Action::CrashTearingSuperblock(1)));
                 s.push((t + d, Action::Restart(1)));

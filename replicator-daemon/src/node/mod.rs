@@ -871,16 +871,19 @@ impl Runtime {
         let s = self.engine.status();
         let connected = s.connection == ConnState::Connected;
         if connected && s.replication == ReplState::Established {
-            if s.out_of_sync_bytes == 0 {
+            if !self.engine.needs_resync() {
                 return Response::ok_with("nothing to resync: the replicas are in sync");
             }
-            if let Err(e) = self.admin(AdminCommand::Disconnect) {
-                return admin_response(Err(e));
-            }
-            return match self.admin(AdminCommand::Connect) {
-                Ok(()) => Response::ok_with(format!(
+            // The engine renegotiates the link; the handshake starts it.
+            return match self.admin(AdminCommand::StartResync) {
+                Ok(()) if s.out_of_sync_bytes > 0 => Response::ok_with(format!(
                     "resync of {} bytes starts after a reconnect",
                     s.out_of_sync_bytes
+                )),
+                Ok(()) => Response::ok_with(format!(
+                    "resync starts after a reconnect (disk {}, peer disk {})",
+                    s.disk.name(),
+                    s.peer_disk.map_or("unknown", |d| d.name())
                 )),
                 Err(e) => admin_response(Err(e)),
             };

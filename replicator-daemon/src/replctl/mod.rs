@@ -469,8 +469,14 @@ impl WaitTracker {
             WaitState::Aborted(_) => {
                 !self.seen_running && status.connection != ConnectionState::Connected
             }
+            // A resync starts after a reconnect: until it was seen, blocks
+            // marked here or a disk not UpToDate (a Secondary whose disk
+            // failed writes) mean it has yet to start.
             WaitState::Done => {
-                self.op == WaitOp::Resync && !self.seen_running && status.out_of_sync_bytes > 0
+                self.op == WaitOp::Resync
+                    && !self.seen_running
+                    && (status.out_of_sync_bytes > 0
+                        || status.disk != crate::control::protocol::DiskState::UpToDate)
             }
         };
         if !waiting_to_start {
@@ -484,11 +490,13 @@ impl WaitTracker {
                 "the link to {} is {:?}",
                 status.peer_node, status.connection
             )
-        } else {
+        } else if status.out_of_sync_bytes > 0 {
             format!(
                 "{} remain out of sync",
                 render::bytes(status.out_of_sync_bytes)
             )
+        } else {
+            format!("the disk is still {:?}", status.disk)
         };
         WaitState::Aborted(format!(
             "{} did not start within {} s; {why}",

@@ -809,6 +809,18 @@ fn wait_tracker_treats_a_not_yet_started_resync_as_starting_until_the_deadline()
     assert_eq!(tracker.observe(&pending, 1), WaitState::Done);
     let mut tracker = WaitTracker::new(WaitOp::Resync);
     assert_eq!(tracker.observe(&sample_status(), 0), WaitState::Done);
+    // A Secondary whose disk failed writes knows no blocks (its Primary
+    // marked them) but is Inconsistent: its resync is yet to start too.
+    let mut failed = sample_status();
+    failed.disk = DiskState::Inconsistent;
+    let mut tracker = WaitTracker::new(WaitOp::Resync);
+    assert_eq!(tracker.observe(&failed, 0), WaitState::Running(None));
+    assert_eq!(
+        tracker.observe(&failed, WAIT_START_TIMEOUT_MS),
+        WaitState::Aborted(
+            "resync did not start within 10 s; the disk is still Inconsistent".into()
+        )
+    );
 }
 
 #[test]

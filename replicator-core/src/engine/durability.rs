@@ -1,0 +1,109 @@
+//! What a node wrote (client writes, the Primary's mirrored writes,
+//! resync data) that no flush of its data disk has covered yet. A failed flush is a write-back
+//! error, which Linux reports once, at one fsync: any of those writes may
+//! be gone from the disk while later flushes succeed. So the node marks
+//! exactly those ranges out of sync again, and a Secondary that is not
+//! resyncing turns Inconsistent and fails its next BarrierAck (the Primary
+//! then marks every write it has not seen flushed).
+//!
+//! Must not decide when to flush for barriers or resync; it only counts
+//! what each flush covers, and asks for a flush of its own when many
+//! writes went uncovered.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::{DiskOp, Engine, OpId, OpPurpose};
+use crate::types::{DiskState, NodeRole};
+
+/// Uncovered writes after which the node flushes on its own; a SyncTarget
+/// stops requesting resync data at twice as many.
+pub const UNFLUSHED_MAX_RANGES: usize = 1024;
+
+#[derive(Debug, Default)]
+pub(super) struct Unflushed {
+    /// (sequence, offset, len) in completion order.
+    ranges: VecDeque<(u64, u64, u64)>,
+    next_seq: u64,
+    /// Data flushes in flight: the first sequence each does not cover
+    /// (writes completed after it was issued).
+    flushes: BTreeMap<OpId, u64>,
+    checkpoint_flushing: bool,
+}
+
+impl Unflushed {
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Note a completed write; true when the node should flush now.
+    fn wrote(&mut self, offset: u64, len: u64) -> bool {
+        self.ranges.push_back((self.next_seq, offset, len));
+        self.next_seq += 1;
+        if self.ranges.len() >= UNFLUSHED_MAX_RANGES && !self.checkpoint_flushing {
+            self.checkpoint_flushing = true;
+            return true;
+        }
+        false
+    }
+
+    fn flush_issued(&mut self, op: OpId) {
+        self.flushes.insert(op, self.next_seq);
+    }
+
+    /// A flush finished: what it covered is durable; if it failed, every
+    /// uncovered write may be lost and is returned.
+    fn flush_done(&mut self, op: OpId, ok: bool) -> Vec<(u64, u64)> {
+        let covers = self.flushes.remove(&op);
+        if ok {
+            let covers = covers.unwrap_or(0);
+            while self.ranges.front().is_some_and(|&(seq, _, _)| seq < covers) {
+                self.ranges.pop_front();
+            }
+            return Vec::new();
+        }
+        self.ranges.drain(..).map(|(_, o, l)| (o, l)).collect()
+    }
+
+    pub fn checkpoint_done(&mut self) {
+        self.checkpoint_flushing = false;
+    }
+}
+
+impl Engine {
+    /// Flush the data disk, noting which writes the flush covers.
+    pub(super) fn issue_data_flush(&mut self, purpose: OpPurpose) {
+        let op = self.new_op(purpose, DiskOp::Flush);
+        self.unflushed.flush_issued(op);
+    }
+
+    /// A data write completed (the client's, the Primary's mirrored one,
+    /// resync data). A Primary's own count too: demoted, a failed flush
+    /// may still lose them.
+    pub(super) fn wrote_unflushed(&mut self, offset: u64, len: u64) {
+        if self.unflushed.wrote(offset, len) {
+            self.issue_data_flush(OpPurpose::CheckpointFlush);
+        }
+    }
+
+    /// A flush of the data disk finished. A Primary that lost writes this
+    /// way has no better copy to take them from here (the Secondary's may
+    /// lack others); the client's flush fails, nothing is marked.
+    pub(super) fn data_flush_done(&mut self, op: OpId, ok: bool) {
+        let lost = self.unflushed.flush_done(op, ok);
+        if ok || self.role == NodeRole::Primary {
+            return;
+        }
+        for (offset, len) in lost {
+            if let Some(t) = self.target.as_mut() {
+                t.done_bytes = t.done_bytes.saturating_sub(len);
+            }
+            self.mark_oos(offset, len);
+        }
+        if self.target.is_none() {
+            self.peer.flush_failed = true;
+            self.local_write_failed();
+        } else {
+            debug_assert_eq!(self.disk, DiskState::Inconsistent);
+        }
+    }
+}
