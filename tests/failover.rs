@@ -542,33 +542,63 @@ fn a_secondary_whose_disk_writes_fail_is_not_promoted_without_force() {
     drop(c);
 }
 
-/// A disk with a volatile write cache that loses it: nbdkit's eval plugin
-/// over a file, mounted as a file by nbdfuse. While `trigger` exists,
-/// writes are accepted and dropped, and flushes fail with EIO: a write-back
-/// error, which Linux reports only at fsync.
-struct FlakyFlushDisk {
+/// How a [`FlakyDisk`] misbehaves while its trigger file exists.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flaw {
+    /// A volatile write cache that loses it: writes are accepted and
+    /// dropped, and flushes fail with EIO (a write-back error, which Linux
+    /// reports only at fsync).
+    LosesWrites,
+    /// Writes fail with EIO.
+    FailsWrites,
+}
+
+/// A file that fails on demand: nbdkit's eval plugin over a backing file,
+/// shown as a file by nbdfuse.
+struct FlakyDisk {
     mount: std::path::PathBuf,
-    /// The file nbdfuse shows (bravo's disk).
+    /// The file nbdfuse shows.
     file: std::path::PathBuf,
-    /// The medium: what survived the cache.
+    /// The medium: what survived.
     back: std::path::PathBuf,
     trigger: std::path::PathBuf,
     fuse: Child,
 }
 
-impl FlakyFlushDisk {
-    fn start(dir: &Path, size: u64) -> FlakyFlushDisk {
+impl FlakyDisk {
+    /// `name`-back.img of `size` bytes (a copy of `from`, if given) shown
+    /// at `name`/disk in `dir`.
+    fn start(dir: &Path, name: &str, size: u64, from: Option<&Path>, flaw: Flaw) -> FlakyDisk {
         common::require_tool("nbdfuse", "libnbd-bin");
         common::require_tool("nbdkit", "nbdkit");
-        let back = dir.join("flaky-back.img");
-        std::fs::File::create(&back)
-            .and_then(|f| f.set_len(size))
-            .expect("backing file");
-        let trigger = dir.join("flaky-trigger");
-        let mount = dir.join("flaky");
+        let back = dir.join(format!("{name}-back.img"));
+        match from {
+            Some(src) => {
+                std::fs::copy(src, &back).expect("copy into the backing file");
+            }
+            None => {
+                std::fs::File::create(&back)
+                    .and_then(|f| f.set_len(size))
+                    .expect("backing file");
+            }
+        }
+        let trigger = dir.join(format!("{name}-trigger"));
+        let mount = dir.join(name);
         std::fs::create_dir_all(&mount).expect("mount point");
         let file = mount.join("disk");
         let (b, t) = (back.display(), trigger.display());
+        let write = format!("dd of={b} bs=64k oflag=seek_bytes conv=notrunc seek=$4 status=none");
+        let eio = "echo 'EIO injected' >&2; exit 1";
+        let (pwrite, flush) = match flaw {
+            Flaw::LosesWrites => (
+                format!("if [ -e {t} ]; then cat >/dev/null; exit 0; fi; {write}"),
+                format!("if [ -e {t} ]; then {eio}; fi"),
+            ),
+            Flaw::FailsWrites => (
+                format!("if [ -e {t} ]; then cat >/dev/null; {eio}; fi; {write}"),
+                "exit 0".to_string(),
+            ),
+        };
         let fuse = Command::new("nbdfuse")
             .arg(&file)
             .args(["[", "nbdkit", "eval"])
@@ -576,24 +606,20 @@ impl FlakyFlushDisk {
             .arg(format!(
                 "pread=dd if={b} bs=64k iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none"
             ))
-            .arg(format!(
-                "pwrite=if [ -e {t} ]; then cat >/dev/null; exit 0; fi; \
-                 dd of={b} bs=64k oflag=seek_bytes conv=notrunc seek=$4 status=none"
-            ))
-            .arg(format!(
-                "flush=if [ -e {t} ]; then echo 'EIO write-back failed (injected)' >&2; exit 1; fi"
-            ))
+            .arg(format!("pwrite={pwrite}"))
+            .arg(format!("flush={flush}"))
             .args(["can_write=exit 0", "can_flush=exit 0", "]"])
             .stdin(Stdio::null())
             .spawn()
             .expect("run nbdfuse");
-        let mut d = FlakyFlushDisk {
+        let mut d = FlakyDisk {
             mount,
             file,
             back,
             trigger,
             fuse,
         };
+        let size = std::fs::metadata(&d.back).expect("stat backing file").len();
         let deadline = Instant::now() + Duration::from_secs(20);
         while !std::fs::metadata(&d.file).is_ok_and(|m| m.len() == size) {
             assert!(
@@ -606,13 +632,10 @@ impl FlakyFlushDisk {
         d
     }
 
-    fn medium(&self, offset: u64, len: usize) -> Vec<u8> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = std::fs::File::open(&self.back).expect("open the medium");
-        f.seek(SeekFrom::Start(offset)).expect("seek");
-        let mut buf = vec![0u8; len];
-        f.read_exact(&mut buf).expect("read the medium");
-        buf
+    /// Put the flaky file where `path` was.
+    fn replace(&self, path: &Path) {
+        std::fs::remove_file(path).expect("remove the file it replaces");
+        std::os::unix::fs::symlink(&self.file, path).expect("link the flaky file");
     }
 
     fn failing(&self, on: bool) {
@@ -622,9 +645,18 @@ impl FlakyFlushDisk {
             std::fs::remove_file(&self.trigger).expect("remove trigger");
         }
     }
+
+    fn medium(&self, offset: u64, len: usize) -> Vec<u8> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&self.back).expect("open the medium");
+        f.seek(SeekFrom::Start(offset)).expect("seek");
+        let mut buf = vec![0u8; len];
+        f.read_exact(&mut buf).expect("read the medium");
+        buf
+    }
 }
 
-impl Drop for FlakyFlushDisk {
+impl Drop for FlakyDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
         let _ = self.fuse.kill();
@@ -645,10 +677,9 @@ fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
         disk_bytes: 16 * MIB,
         ..ClusterSpec::default()
     });
-    let flaky = FlakyFlushDisk::start(c.dir(), 16 * MIB);
-    std::fs::remove_file(&c.nodes[1].disk).expect("remove bravo's file");
+    let flaky = FlakyDisk::start(c.dir(), "flaky", 16 * MIB, None, Flaw::LosesWrites);
     // Its metadata is in a file of its own, made for a disk of this size.
-    std::os::unix::fs::symlink(&flaky.file, &c.nodes[1].disk).expect("link bravo's disk");
+    flaky.replace(&c.nodes[1].disk);
     let mut c = c.started();
     let uri = c.alpha().uri();
     let out = common::cluster::qemu_io(&uri, &["write -P 0x5a 0 1M", "flush"]);
@@ -721,6 +752,63 @@ fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
     assert!(
         flaky.medium(2 * MIB, MIB as usize) == vec![0x3c; MIB as usize],
         "the resync did not restore the writes bravo's failed flush lost"
+    );
+    c.assert_replicas_identical();
+    drop(c);
+    drop(flaky);
+}
+
+#[test]
+fn a_secondary_whose_metadata_writes_fail_stops_and_resyncs_once_its_disk_is_sound() {
+    // A metadata write may not be taken for done when it failed: bravo's
+    // activity log or superblock would not say what its data holds after
+    // a crash. Bravo's metadata file fails its writes (EIO) from some
+    // point on: at its next metadata write (the activity log, when alpha's
+    // write reaches a new 4 MiB extent) bravo stops with the reason, alpha
+    // goes on alone and marks what bravo misses, and once the metadata
+    // disk is sound a restart of bravo resyncs it.
+    let c = Cluster::prepare(ClusterSpec {
+        disk_bytes: 16 * MIB,
+        ..ClusterSpec::default()
+    });
+    let meta = c.dir().join("bravo.meta");
+    let flaky = FlakyDisk::start(c.dir(), "flaky-meta", 0, Some(&meta), Flaw::FailsWrites);
+    flaky.replace(&meta);
+    let mut c = c.started();
+    let uri = c.alpha().uri();
+    let out = common::cluster::qemu_io(&uri, &["write -P 0x11 0 1M", "flush"]);
+    assert!(!out.contains("error"), "{out}");
+
+    flaky.failing(true);
+    let out = common::cluster::qemu_io(&uri, &["write -P 0x22 8M 1M", "flush"]);
+    assert!(!out.contains("error"), "alpha goes on without bravo: {out}");
+    let status = c.nodes[1]
+        .wait_exit(STATE_TIMEOUT)
+        .expect("bravo stops after its metadata write failed");
+    assert!(!status.success(), "{status}");
+    let log = c.bravo().log();
+    assert!(
+        log.contains("metadata write") && log.contains("failed"),
+        "bravo says why it stopped: {log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    c.alpha().wait_status(
+        "goes on alone with bravo's blocks marked",
+        STATE_TIMEOUT,
+        |s| s["connection"] != "Connected" && s["out_of_sync_bytes"].as_u64() >= Some(MIB),
+    );
+    let out = common::cluster::qemu_io(&uri, &["write -P 0x33 12M 1M"]);
+    assert!(!out.contains("error"), "{out}");
+
+    flaky.failing(false);
+    c.nodes[1].start();
+    c.wait_in_sync(RESYNC_TIMEOUT);
+    let mut want = vec![0x22; MIB as usize];
+    want.extend(vec![0u8; 3 * MIB as usize]);
+    want.extend(vec![0x33; MIB as usize]);
+    assert!(
+        c.bravo().read_data(8 * MIB, 5 * MIB as usize) == want,
+        "bravo lacks alpha's writes after the resync"
     );
     c.assert_replicas_identical();
     drop(c);

@@ -750,6 +750,32 @@ fn a_failed_barrier_flush_makes_the_secondary_inconsistent_and_the_primary_marks
 }
 
 #[test]
+fn a_failed_metadata_write_stops_the_engine() {
+    use replicator_core::engine::DiskError;
+    // A metadata write may not be taken for done when it failed: the
+    // activity log would not name the extents of the writes that follow.
+    // The engine asks to stop (Fatal) and takes no more input.
+    let mut p = Pair::new(ProtocolMode::C);
+    p.a.handle(Time(0), write_req(1, 0, false));
+    let outs = drain(&mut p.a);
+    let (al, _) = disk_ops(&outs)
+        .into_iter()
+        .find(|(_, k)| matches!(k, DiskOp::MetaWrite { .. }))
+        .expect("the write's extent goes into the activity log first");
+    let outs = finish(&mut p.a, al, Err(DiskError { code: 5 }));
+    assert!(
+        matches!(&outs[..], [Output::Fatal { reason }] if reason.contains("activity log")),
+        "{outs:?}"
+    );
+    p.a.handle(Time(0), write_req(2, 4096, false));
+    p.a.handle(
+        Time(0),
+        Input::Admin(AdminCommand::Primary { force: false }),
+    );
+    assert_eq!(drain(&mut p.a), vec![], "a stopped engine does nothing");
+}
+
+#[test]
 fn inconsistent_node_refuses_primary_unless_forced() {
     // Invariant 6: stale data is not promoted without --force.
     let mut e = engine("alpha", "bravo", ProtocolMode::C, b"s");

@@ -388,6 +388,14 @@ impl Node {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Waits at most `limit` for the daemon to exit on its own; its exit
+    /// status, or None if it still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let status = super::wait_with_deadline(self.child.as_mut()?, limit)?;
+        self.child = None;
+        Some(status)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()

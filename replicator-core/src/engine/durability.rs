@@ -96,6 +96,12 @@ impl Engine {
         for (offset, len) in lost {
             if let Some(t) = self.target.as_mut() {
                 t.done_bytes = t.done_bytes.saturating_sub(len);
+                let end = offset + len;
+                for (id, &(o, l)) in &t.inflight {
+                    if o < end && offset < o + l {
+                        t.stale.insert(*id);
+                    }
+                }
             }
             self.mark_oos(offset, len);
         }

@@ -290,6 +290,13 @@ pub enum Output {
     },
     /// Result of an [`Input::Admin`] command.
     AdminResult(Result<(), AdminError>),
+    /// The node must stop now: a write of its metadata failed, so what it
+    /// would persist next (its disk state, the activity log, the bitmap)
+    /// cannot be trusted to be there after a crash. The engine takes no
+    /// more input; its peer sees the link drop, as after a crash.
+    Fatal {
+        reason: String,
+    },
 }
 
 /// Test hooks that deliberately break the engine, set only by the simulator's

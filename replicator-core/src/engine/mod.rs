@@ -114,6 +114,8 @@ pub struct Engine {
     verify: Option<VerifyState>,
     last_rx: Time,
     last_ping: Time,
+    /// Set by [`Output::Fatal`]: every later input is ignored.
+    failed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -143,6 +145,18 @@ enum OpPurpose {
     AlPreFlush(u64),
     AlPage,
     BitmapPage,
+}
+
+impl OpPurpose {
+    /// What a metadata write holds, for messages.
+    fn meta_name(&self) -> &'static str {
+        match self {
+            OpPurpose::Superblock(_) => "superblock",
+            OpPurpose::AlGroup(_) => "activity log",
+            OpPurpose::AlPage | OpPurpose::BitmapPage => "bitmap page",
+            _ => "data",
+        }
+    }
 }
 
 impl Engine {
@@ -216,6 +230,7 @@ impl Engine {
             verify: None,
             last_rx: Time(0),
             last_ping: Time(0),
+            failed: false,
             cfg,
         };
         let unclean = !flags.contains(MetaFlags::CLEAN_SHUTDOWN);
@@ -240,6 +255,9 @@ impl Engine {
 
     /// Feed one input at time `now`.
     pub fn handle(&mut self, now: Time, input: Input) {
+        if self.failed {
+            return;
+        }
         if now > self.now {
             self.now = now;
         }
@@ -493,6 +511,27 @@ impl Engine {
             // Unknown completion: a caller bug, never peer input.
             panic!("disk completion for unknown {op:?}");
         };
+        if let (
+            OpPurpose::Superblock(_)
+            | OpPurpose::AlGroup(_)
+            | OpPurpose::AlPage
+            | OpPurpose::BitmapPage,
+            Err(e),
+        ) = (&purpose, &result)
+        {
+            // No metadata write may be taken for done when it is not: the
+            // node stops, as DRBD detaches a disk on a metadata I/O error.
+            self.failed = true;
+            self.outputs.clear();
+            self.push(Output::Fatal {
+                reason: format!(
+                    "a metadata write ({}) failed with errno {}",
+                    purpose.meta_name(),
+                    e.code
+                ),
+            });
+            return;
+        }
         if matches!(
             purpose,
             OpPurpose::BarrierFlush(_)

@@ -8,7 +8,7 @@
 //! target resync writes and mirrored writes are applied in arrival order.
 //! Must not decide sync direction (see `handshake`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -67,6 +67,9 @@ pub(super) struct TargetState {
     pub rate_origin: Time,
     pub source_uuids: GenerationUuids,
     pub finishing: bool,
+    /// Checksum requests whose range lost writes to a failed flush after
+    /// the local read: an in-sync answer compares data no longer on disk.
+    pub stale: BTreeSet<RequestId>,
 }
 
 #[derive(Debug, Default)]
@@ -175,6 +178,7 @@ impl Engine {
             rate_origin: self.now,
             source_uuids,
             finishing: false,
+            stale: BTreeSet::new(),
         });
         self.set_repl(ReplState::SyncTarget);
         self.update_paused();
@@ -437,7 +441,10 @@ impl Engine {
             ));
         }
         t.inflight.remove(&id);
+        let stale = t.stale.remove(&id);
         match data {
+            // The bits stay: the next pass asks again.
+            None if stale => {}
             None => {
                 t.done_bytes += len;
                 let _ = self.bitmap.clear_range(offset, len);
@@ -547,6 +554,7 @@ impl Engine {
         // their bits (the data came from the source); requests are dropped.
         if let Some(t) = self.target.as_mut() {
             t.inflight.clear();
+            t.stale.clear();
             t.finishing = false;
         }
         let queued_writes: Vec<u64> = self

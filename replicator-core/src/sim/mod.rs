@@ -76,6 +76,23 @@ pub enum Scenario {
     /// A SyncTarget's flushes fail and lose resync data and mirrored
     /// writes; after the resync it crashes, and must hold every write.
     SyncTargetFlushFails,
+    /// The Secondary's metadata writes fail: it stops (and a crash
+    /// planned later finds it stopped); the Primary goes on; the Secondary
+    /// returns once its disk is sound.
+    SecondaryMetaFails,
+    /// The Primary's metadata writes fail: it stops, the Secondary takes
+    /// over; the old Primary returns once its disk is sound.
+    PrimaryMetaFails,
+}
+
+/// What a failing disk fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFault {
+    DataWrites,
+    /// Flushes, losing the writes they should have made durable.
+    Flushes,
+    /// Metadata writes (the node stops at the first).
+    MetaWrites,
 }
 
 /// What to simulate.
@@ -120,6 +137,9 @@ pub struct SimReport {
     pub disk_write_errors: u64,
     /// Data flushes that failed on a failing disk.
     pub disk_flush_errors: u64,
+    /// Metadata writes that failed, each stopping its node.
+    pub meta_write_errors: u64,
+    pub fatal_stops: u64,
     pub frames_corrupted: u64,
     pub frames_duplicated: u64,
     /// Frames delivered before the frame sent just ahead of them.
@@ -173,12 +193,12 @@ enum Action {
     /// Node `.0`'s data flushes start (true) or stop (false) failing; a
     /// failed flush loses the writes it covered.
     FlushFails(usize, bool),
-    /// The Secondary of the moment (if running) starts failing its data
-    /// writes, or with `flush` its flushes.
-    SecondaryDiskFaults {
-        flush: bool,
-    },
-    /// No disk fails any more; the operator then runs `resync`.
+    /// Node `.0`'s metadata writes start (true) or stop (false) failing.
+    MetaFails(usize, bool),
+    /// The Secondary of the moment (if running) starts failing.
+    SecondaryDiskFaults(DiskFault),
+    /// No disk fails any more; the operator restarts a node that stopped
+    /// on a metadata error, then runs `resync`.
     DiskFaultsOff,
     /// The operator's `replctl resync` on both nodes, once no resync or
     /// verify runs (retried every 10 ms, this many more times).
@@ -223,6 +243,7 @@ struct Node {
     /// Data writes fail (ENOSPC) and change nothing.
     disk_fails: bool,
     flush_fails: bool,
+    meta_fails: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -419,6 +440,13 @@ impl World {
         }
         let deadline = e.next_deadline();
         for o in outs {
+            if let Output::Fatal { reason } = o {
+                // The daemon exits: for its peer and its disk, a crash.
+                self.log(format!("{}: FATAL {reason}", self.nodes[node].name));
+                self.report.fatal_stops += 1;
+                // A stopped Primary is failed over like a crashed one.
+                return self.script(Action::Crash(node));
+            }
             self.carry_out(node, o)?;
         }
         if let Some(d) = deadline {
@@ -553,6 +581,7 @@ impl World {
                     self.log(format!("{name}: admin refused: {e}"));
                 }
             }
+            Output::Fatal { .. } => unreachable!("handled in feed"),
         }
         Ok(())
     }
@@ -622,11 +651,24 @@ impl World {
                         kind,
                         DiskOp::Write { .. } | DiskOp::Zero { .. } | DiskOp::Trim { .. }
                     );
+                if n.meta_fails && matches!(kind, DiskOp::MetaWrite { .. }) {
+                    self.report.meta_write_errors += 1;
+                    return self.feed(
+                        node,
+                        Input::DiskDone {
+                            op,
+                            result: Err(crate::engine::DiskError { code: 5 }),
+                        },
+                    );
+                }
                 if n.flush_fails && kind == DiskOp::Flush {
                     self.report.disk_flush_errors += 1;
-                    if n.data.lose_unflushed() {
+                    let lost = n.data.lose_unflushed();
+                    if lost {
                         self.lost_writes[node] = true;
                     }
+                    let name = self.nodes[node].name;
+                    self.log(format!("{name}: {op:?} flush FAILED (writes lost: {lost})"));
                     return self.feed(
                         node,
                         Input::DiskDone {
@@ -1021,23 +1063,32 @@ impl World {
             }
             Action::DiskFails(n, on) => self.nodes[n].disk_fails = on,
             Action::FlushFails(n, on) => self.nodes[n].flush_fails = on,
-            Action::SecondaryDiskFaults { flush } => {
+            Action::MetaFails(n, on) => self.nodes[n].meta_fails = on,
+            Action::SecondaryDiskFaults(fault) => {
                 let n = 1 - self.client_node;
                 if self
                     .engine(n)
                     .is_some_and(|e| e.role() == NodeRole::Secondary)
                 {
-                    if flush {
-                        self.nodes[n].flush_fails = true;
-                    } else {
-                        self.nodes[n].disk_fails = true;
+                    let node = &mut self.nodes[n];
+                    match fault {
+                        DiskFault::DataWrites => node.disk_fails = true,
+                        DiskFault::Flushes => node.flush_fails = true,
+                        DiskFault::MetaWrites => node.meta_fails = true,
                     }
                 }
             }
             Action::DiskFaultsOff => {
-                for n in &mut self.nodes {
+                let mut stopped = Vec::new();
+                for (i, n) in self.nodes.iter_mut().enumerate() {
+                    if std::mem::take(&mut n.meta_fails) && n.engine.is_none() {
+                        stopped.push(i);
+                    }
                     n.disk_fails = false;
                     n.flush_fails = false;
+                }
+                for n in stopped {
+                    self.script(Action::Restart(n))?;
                 }
                 // The operator's repair once the disk is sound.
                 self.script(Action::OperatorResync(OPERATOR_RESYNC_TRIES))?;
@@ -1404,6 +1455,7 @@ fn new_node(name: &'static str, layout: &MetadataLayout) -> Result<Node, String>
         crash_on_superblock_write: false,
         disk_fails: false,
         flush_fails: false,
+        meta_fails: false,
     })
 }
 
@@ -1691,6 +1743,22 @@ fn plan(w: &mut World, rng: &mut SplitMix64, start: u64) {
             s.push((t(400), Action::FlushFails(1, false)));
             s.push((t(500), Action::Restart(0)));
         }
+        Scenario::SecondaryMetaFails => {
+            s.push((t(100), Action::MetaFails(1, true)));
+            // Had it gone on after a failed metadata write, a crash would
+            // find its activity log and bitmap behind its data.
+            s.push((t(200), Action::Crash(1)));
+            s.push((t(400), Action::MetaFails(1, false)));
+            s.push((t(450), Action::Restart(1)));
+        }
+        Scenario::PrimaryMetaFails => {
+            s.push((t(100), Action::MetaFails(0, true)));
+            // Had it gone on after a failed metadata write, its activity
+            // log would not name the extents of the writes in flight here.
+            s.push((t(200), Action::Crash(0)));
+            s.push((t(400), Action::MetaFails(0, false)));
+            s.push((t(450), Action::Restart(0)));
+        }
         Scenario::SyncTargetFlushFails => {
             s.push((t(100), Action::Partition));
             s.push((t(300), Action::Heal));
@@ -1759,8 +1827,12 @@ fn random_plan(w: &World, rng: &mut SplitMix64, s: &mut Vec<(u64, Action)>, star
             }
             8 => s.push((t, Action::Switchover)),
             9 | 10 => {
-                let flush = rng.chance(1, 2);
-                s.push((t, Action::SecondaryDiskFaults { flush }));
+                let fault = match rng.below(3) {
+                    0 => DiskFault::DataWrites,
+                    1 => DiskFault::Flushes,
+                    _ => DiskFault::MetaWrites,
+                };
+                s.push((t, Action::SecondaryDiskFaults(fault)));
                 s.push((t + d, Action::DiskFaultsOff));
             }
             _ => {

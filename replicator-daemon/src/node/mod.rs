@@ -96,6 +96,8 @@ pub enum RunError {
     ShutdownTimeout,
     #[error("the final flush of the disk failed, recent writes may not be durable: {0}")]
     FinalFlush(#[source] DiskError),
+    #[error("stopped: {0}")]
+    MetadataWrite(String),
     #[error("the node's event loop ended unexpectedly")]
     LoopGone,
 }
@@ -365,6 +367,7 @@ pub async fn start(config: &Config, node_name: &str) -> Result<NodeHandle, RunEr
         nbd_tx,
         pending_demote: None,
         stopping: None,
+        fatal: None,
         link_failed: None,
         closed_link: None,
         services: vec![transport_task, control_task],
@@ -425,6 +428,8 @@ struct Runtime {
     nbd_tx: mpsc::Sender<nbd::NbdStopped>,
     pending_demote: Option<oneshot::Sender<Response>>,
     stopping: Option<Stopping>,
+    /// The engine stopped on a metadata write error ([`Output::Fatal`]).
+    fatal: Option<String>,
     link_failed: Option<String>,
     /// The link closed last (its writer may still be sending).
     closed_link: Option<Link>,
@@ -517,6 +522,16 @@ impl Runtime {
             crate::busy_poll::BusyPoll::global().set_outstanding(
                 self.engine.pending_client_requests() + self.engine.pending_disk_ops(),
             );
+            if let Some(reason) = self.fatal.take() {
+                // Like a crash for the peer and the clients: no final flush
+                // or superblock (the metadata disk just failed), the link
+                // and the export close.
+                if let Some(server) = &self.nbd {
+                    server.stop();
+                }
+                self.finish_links().await;
+                return Err(RunError::MetadataWrite(reason));
+            }
             if let Some(done) = self.advance_stop() {
                 let flushed = self.data.flush().await;
                 let meta_flushed = if Arc::ptr_eq(&self.data, &self.meta) {
@@ -632,6 +647,10 @@ impl Runtime {
                     }
                 }
                 Output::AdminResult(r) => self.admin_result = Some(r),
+                Output::Fatal { reason } => {
+                    error!("stopping at once: {reason}; the metadata is not to be trusted past this point (a restart reads it again, and refuses a damaged block)");
+                    self.fatal = Some(reason);
+                }
             }
         }
     }
