@@ -1,10 +1,11 @@
-//! What a node wrote (client writes, the Primary's mirrored writes,
-//! resync data) that no flush of its data disk has covered yet. A failed flush is a write-back
-//! error, which Linux reports once, at one fsync: any of those writes may
-//! be gone from the disk while later flushes succeed. So the node marks
-//! exactly those ranges out of sync again, and a Secondary that is not
-//! resyncing turns Inconsistent and fails its next BarrierAck (the Primary
-//! then marks every write it has not seen flushed).
+//! What a node wrote (client writes, the Primary's mirrored writes, resync
+//! data) that no flush of its data disk has covered yet. A failed flush is
+//! a write-back error, which Linux reports once, at one fsync: any of those
+//! writes may be gone from the disk while later flushes succeed. So a
+//! Secondary marks exactly those ranges out of sync again (a SyncTarget
+//! then sends them round again), and one that is not resyncing turns
+//! Inconsistent and fails its next BarrierAck (the Primary then marks every
+//! write it has not seen flushed).
 //!
 //! Must not decide when to flush for barriers or resync; it only counts
 //! what each flush covers, and asks for a flush of its own when many

@@ -12,7 +12,8 @@
 //! Submodules: [`io`] (types), `write` (client requests and the peer's
 //! mirrored writes), `handshake` (connect, auth, state, bitmap exchange,
 //! decision, disconnect), `resync` (resync and verify), `persist` (metadata
-//! writes), [`rng`] (seeded PRNG).
+//! writes), `durability` (what each data flush covers, and what a failed one
+//! may have lost), [`rng`] (seeded PRNG).
 
 mod durability;
 mod handshake;
@@ -138,7 +139,7 @@ enum OpPurpose {
     ResyncWrite(u64),
     VerifyRead(u64),
     TargetFinalFlush,
-    /// A Secondary's flush after many writes no other flush covered.
+    /// A node's own flush after many writes no other flush covered.
     CheckpointFlush,
     Superblock(u64),
     AlGroup(u64),

@@ -548,8 +548,8 @@ impl Engine {
         if error != 0 {
             // The peer's flush failed: any write it completed since its last
             // good flush may be lost there, later epochs' included (the
-            // failed flush covered them too). All are marked out of sync;
-            // the transfer log keeps them until a good flush covers them.
+            // failed flush covered them too): every write in the transfer
+            // log is marked out of sync (the later ones also stay in it).
             let tl: Vec<(u64, u64)> = self
                 .primary
                 .transfer_log
