@@ -547,7 +547,7 @@ fn a_secondary_whose_disk_writes_fail_is_not_promoted_without_force() {
 enum Flaw {
     /// A volatile write cache that loses it: writes are accepted and
     /// dropped, and flushes fail with EIO (a write-back error, which Linux
-    /// reports only at fsync).
+    /// reports only at fsync), the first flush after a loss too.
     LosesWrites,
     /// Writes fail with EIO.
     FailsWrites,
@@ -589,10 +589,15 @@ impl FlakyDisk {
         let (b, t) = (back.display(), trigger.display());
         let write = format!("dd of={b} bs=64k oflag=seek_bytes conv=notrunc seek=$4 status=none");
         let eio = "echo 'EIO injected' >&2; exit 1";
+        // A lost write is reported once, at the next flush, even if that
+        // comes after the trigger is gone (Linux's errseq: a write-back
+        // error reaches the next fsync).
+        let lost = dir.join(format!("{name}-lost"));
+        let l = lost.display();
         let (pwrite, flush) = match flaw {
             Flaw::LosesWrites => (
-                format!("if [ -e {t} ]; then cat >/dev/null; exit 0; fi; {write}"),
-                format!("if [ -e {t} ]; then {eio}; fi"),
+                format!("if [ -e {t} ]; then touch {l}; cat >/dev/null; exit 0; fi; {write}"),
+                format!("if [ -e {t} ] || [ -e {l} ]; then rm -f {l}; {eio}; fi"),
             ),
             Flaw::FailsWrites => (
                 format!("if [ -e {t} ]; then cat >/dev/null; {eio}; fi; {write}"),
