@@ -454,6 +454,27 @@ fn barrier_overtaking_an_earlier_write_is_a_protocol_error() {
     assert!(outs.iter().any(|o| matches!(o, Output::CloseLink { .. })));
 }
 
+/// Client write 1 (4 KiB at 0) on alpha, mirrored to bravo: alpha's
+/// outputs, and bravo's data write.
+fn mirror_one_write(p: &mut Pair) -> (Vec<Output>, OpId) {
+    p.a.handle(Time(0), write_req(1, 0, false));
+    let oa = settle_meta(&mut p.a);
+    for m in sent(&oa) {
+        p.b.handle(Time(0), Input::PeerFrame(m));
+    }
+    let ob = settle_meta(&mut p.b);
+    (oa, data_write(&ob))
+}
+
+/// The data write among `outs`.
+fn data_write(outs: &[Output]) -> OpId {
+    disk_ops(outs)
+        .into_iter()
+        .find(|(_, k)| matches!(k, DiskOp::Write { .. }))
+        .map(|(op, _)| op)
+        .expect("a data write")
+}
+
 #[test]
 fn a_failed_write_on_the_secondary_makes_it_inconsistent_and_unpromotable() {
     use replicator_core::engine::DiskError;
@@ -463,16 +484,7 @@ fn a_failed_write_on_the_secondary_makes_it_inconsistent_and_unpromotable() {
     // that (superblock without the UpToDate flag), tells the Primary, and
     // refuses a promotion without --force once the Primary is gone.
     let mut p = Pair::new(ProtocolMode::C);
-    p.a.handle(Time(0), write_req(1, 0, false));
-    let oa = settle_meta(&mut p.a);
-    for m in sent(&oa) {
-        p.b.handle(Time(0), Input::PeerFrame(m));
-    }
-    let ob = settle_meta(&mut p.b);
-    let (op, _) = disk_ops(&ob)
-        .into_iter()
-        .find(|(_, k)| matches!(k, DiskOp::Write { .. }))
-        .expect("the secondary writes the block");
+    let (oa, op) = mirror_one_write(&mut p);
     p.b.handle(
         Time(0),
         Input::DiskDone {
@@ -521,10 +533,7 @@ fn a_failed_write_on_the_secondary_makes_it_inconsistent_and_unpromotable() {
     for m in sent(&ob) {
         p.a.handle(Time(0), Input::PeerFrame(m));
     }
-    let (op, _) = disk_ops(&oa)
-        .into_iter()
-        .find(|(_, k)| matches!(k, DiskOp::Write { .. }))
-        .expect("the primary writes the block");
+    let op = data_write(&oa);
     let outs = done(&mut p.a, op);
     assert!(
         matches!(completions(&outs)[..], [(ClientId(1), Ok(_))]),
@@ -678,24 +687,12 @@ fn a_failed_barrier_flush_makes_the_secondary_inconsistent_and_the_primary_marks
     // Primary marks every write its peer has not flushed out of sync,
     // instead of dropping them from its transfer log as durable.
     let mut p = Pair::new(ProtocolMode::C);
-    p.a.handle(Time(0), write_req(1, 0, false));
-    let oa = settle_meta(&mut p.a);
-    for m in sent(&oa) {
-        p.b.handle(Time(0), Input::PeerFrame(m));
-    }
-    let ob = settle_meta(&mut p.b);
-    let (wop, _) = disk_ops(&ob)
-        .into_iter()
-        .find(|(_, k)| matches!(k, DiskOp::Write { .. }))
-        .expect("the secondary writes the block");
+    let (oa, wop) = mirror_one_write(&mut p);
     let ob = done(&mut p.b, wop);
     for m in sent(&ob) {
         p.a.handle(Time(0), Input::PeerFrame(m));
     }
-    let (aop, _) = disk_ops(&oa)
-        .into_iter()
-        .find(|(_, k)| matches!(k, DiskOp::Write { .. }))
-        .expect("the primary writes the block");
+    let aop = data_write(&oa);
     let outs = done(&mut p.a, aop);
     assert!(
         matches!(completions(&outs)[..], [(ClientId(1), Ok(_))]),
