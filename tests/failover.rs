@@ -700,6 +700,9 @@ fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
     c.bravo()
         .wait_status("Inconsistent after its flush failed", STATE_TIMEOUT, |s| {
             s["disk"] == "Inconsistent"
+                && s["disk_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("flush") && e.contains("Input/output error"))
         });
     c.alpha()
         .wait_status("sees bravo Inconsistent", STATE_TIMEOUT, |s| {
@@ -726,6 +729,11 @@ fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
     assert!(
         flaky.medium(0, 2 * MIB as usize) == want,
         "bravo's disk lacks the acknowledged writes after the resync"
+    );
+    assert_eq!(
+        c.bravo().status()["disk_error"],
+        serde_json::Value::Null,
+        "UpToDate again: the error is history"
     );
     c.assert_replicas_identical();
 

@@ -112,6 +112,8 @@ pub struct StatusContext {
     pub last_refusal: Option<String>,
     /// Why the link last dropped, one sentence.
     pub connection_error: Option<String>,
+    /// The last failed data-disk operation since the disk was UpToDate.
+    pub disk_error: Option<String>,
     /// NBD export address while served.
     pub nbd: Option<String>,
     /// NBD clients connected.
@@ -144,6 +146,7 @@ pub fn status_report(
         split_brain: status.split_brain,
         last_refusal: context.last_refusal.clone(),
         connection_error: context.connection_error.clone(),
+        disk_error: context.disk_error.clone(),
         nbd: context.nbd.clone(),
         nbd_clients: context.nbd_clients,
         resync_transferred_bytes: context.resync_transferred_bytes,
@@ -206,6 +209,7 @@ mod tests {
             verify: None,
             last_refusal: None,
             connection_error: None,
+            disk_error: None,
             nbd: Some("127.0.0.1:10809".into()),
             nbd_clients: 2,
             resync_transferred_bytes: 7,

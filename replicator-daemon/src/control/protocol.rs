@@ -386,6 +386,10 @@ pub struct StatusReport {
     /// Why the link last dropped (timeout, reset, corrupt frame), one sentence.
     #[serde(default)]
     pub connection_error: Option<String>,
+    /// The last failed operation on this node's data disk since the disk
+    /// was last UpToDate (what failed, and the OS error), one sentence.
+    #[serde(default)]
+    pub disk_error: Option<String>,
     /// The NBD export address while it is served (primary only).
     #[serde(default)]
     pub nbd: Option<String>,
@@ -478,7 +482,14 @@ const OBJECT_FIELDS: [(EventObject, &[&str]); 4] = [
     ),
     (
         EventObject::Device,
-        &["node", "disk", "size_bytes", "nbd", "nbd_clients"],
+        &[
+            "node",
+            "disk",
+            "size_bytes",
+            "nbd",
+            "nbd_clients",
+            "disk_error",
+        ],
     ),
     (
         EventObject::PeerDevice,
@@ -627,6 +638,7 @@ mod tests {
             split_brain: false,
             last_refusal: None,
             connection_error: None,
+            disk_error: None,
             nbd: Some("127.0.0.1:10809".into()),
             nbd_clients: 1,
             resync_transferred_bytes: 512 << 20,
@@ -647,7 +659,8 @@ mod tests {
                 r#""out_of_sync_bytes":536870912,"resync":{"done_bytes":536870912,"#,
                 r#""total_bytes":1073741824,"rate_bytes_per_s":104857600,"eta_s":5},"#,
                 r#""peer_node":"bravo","protocol":"C","verify":null,"split_brain":false,"#,
-                r#""last_refusal":null,"connection_error":null,"nbd":"127.0.0.1:10809","#,
+                r#""last_refusal":null,"connection_error":null,"disk_error":null,"#,
+                r#""nbd":"127.0.0.1:10809","#,
                 r#""nbd_clients":1,"resync_transferred_bytes":536870912}}"#
             )
         );

@@ -40,6 +40,7 @@ pub fn sample_status() -> StatusReport {
         split_brain: false,
         last_refusal: None,
         connection_error: None,
+        disk_error: None,
         nbd: Some("127.0.0.1:10809".into()),
         nbd_clients: 0,
         resync_transferred_bytes: 0,

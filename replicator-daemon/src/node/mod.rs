@@ -108,6 +108,8 @@ enum Internal {
     DiskDone {
         op: OpId,
         result: Result<Bytes, CoreDiskError>,
+        /// What failed, for `status`.
+        error: Option<String>,
     },
     Control {
         request: Request,
@@ -328,6 +330,7 @@ pub async fn start(config: &Config, node_name: &str) -> Result<NodeHandle, RunEr
         verify: None,
         last_refusal: None,
         connection_error: None,
+        disk_error: None,
         nbd: None,
         nbd_clients: 0,
         resync_transferred_bytes: 0,
@@ -557,7 +560,13 @@ impl Runtime {
 
     fn on_internal(&mut self, ev: Internal) {
         match ev {
-            Internal::DiskDone { op, result } => self.apply(Input::DiskDone { op, result }),
+            Internal::DiskDone { op, result, error } => {
+                if let Some(error) = error {
+                    self.ctx.disk_error = Some(error);
+                    self.status_dirty = true;
+                }
+                self.apply(Input::DiskDone { op, result });
+            }
             Internal::Control { request, reply } => self.on_control(request, reply),
         }
     }
@@ -703,6 +712,8 @@ impl Runtime {
                 tracing::debug!(?ev, "engine event");
                 return;
             }
+            // A resync made the disk whole again: the error is history.
+            Event::Disk(replicator_core::types::DiskState::UpToDate) => self.ctx.disk_error = None,
             _ => {}
         }
         info!(?ev, "state change");
@@ -787,11 +798,13 @@ impl Runtime {
         let meta = self.meta.clone();
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
+            let mut error = None;
             let result = run_disk_op(&data, &meta, kind).await.map_err(|e| {
                 warn!(op = op.0, "disk operation failed: {e}");
+                error = Some(e.to_string());
                 CoreDiskError { code: errno(&e) }
             });
-            let _ = tx.send(Internal::DiskDone { op, result }).await;
+            let _ = tx.send(Internal::DiskDone { op, result, error }).await;
         });
     }
 

@@ -71,6 +71,9 @@ pub fn status_text(s: &StatusReport) -> String {
     // Writing to a String cannot fail.
     let _ = writeln!(out, "{} role:{:?}", s.resource, s.role);
     let _ = writeln!(out, "  disk:{:?} size:{}", s.disk, bytes(s.size_bytes));
+    if let Some(error) = &s.disk_error {
+        let _ = writeln!(out, "  disk-error: {error}");
+    }
     if let Some(nbd) = &s.nbd {
         let _ = writeln!(out, "  nbd:{nbd} clients:{}", s.nbd_clients);
     }
@@ -226,6 +229,7 @@ mod tests {
             split_brain: false,
             last_refusal: None,
             connection_error: None,
+            disk_error: None,
             nbd: Some("127.0.0.1:10809".into()),
             nbd_clients: 1,
             resync_transferred_bytes: 512 << 20,
@@ -282,6 +286,31 @@ mod tests {
              \x20   refused: Both nodes wrote since they last agreed (split brain).\n\
              \x20   link-error: The peer closed the connection.\n"
         );
+    }
+
+    #[test]
+    fn status_text_names_the_last_disk_error_under_the_disk() {
+        // Proves an Inconsistent Secondary says why: the failed disk
+        // operation, right under its disk state.
+        let mut s = syncing();
+        s.role = Role::Secondary;
+        s.disk = DiskState::Inconsistent;
+        s.nbd = None;
+        s.disk_error = Some(
+            "flush of 67108864 bytes at offset 0 failed: Input/output error (os error 5)".into(),
+        );
+        let text = status_text(&s);
+        assert!(
+            text.starts_with(
+                "vm1 role:Secondary\n\
+                 \x20 disk:Inconsistent size:1.00GiB\n\
+                 \x20 disk-error: flush of 67108864 bytes at offset 0 failed: \
+                 Input/output error (os error 5)\n"
+            ),
+            "{text}"
+        );
+        s.disk_error = None;
+        assert!(!status_text(&s).contains("disk-error"));
     }
 
     #[test]
