@@ -270,9 +270,15 @@ pub async fn run(
         // Both disks are empty: no initial sync needed.
         command(&a, Request::NewCurrentUuid { clear_bitmap: true }).await?;
         command(&a, Request::Primary { force: false }).await?;
-        // Show the status once alpha has heard that bravo is UpToDate.
+        // Show the status once alpha has heard that bravo is UpToDate, and
+        // bravo that alpha is Primary (so `replctl … bravo status` right
+        // after the banner agrees with it).
         wait_connected(&a, |s| {
             s.peer_disk == crate::control::protocol::DiskState::UpToDate
+        })
+        .await?;
+        wait_connected(&b, |s| {
+            s.peer_role == crate::control::protocol::PeerRole::Primary
         })
         .await?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, nbd));
