@@ -28,7 +28,6 @@ pub(super) struct Unflushed {
     /// Data flushes in flight: the first sequence each does not cover
     /// (writes completed after it was issued).
     flushes: BTreeMap<OpId, u64>,
-    checkpoint_flushing: bool,
 }
 
 impl Unflushed {
@@ -36,37 +35,30 @@ impl Unflushed {
         self.ranges.len()
     }
 
-    /// Note a completed write; true when the node should flush now.
+    /// Note a completed write; true when the node should flush now (many
+    /// writes uncovered, and no flush under way that will cover some).
     fn wrote(&mut self, offset: u64, len: u64) -> bool {
         self.ranges.push_back((self.next_seq, offset, len));
         self.next_seq += 1;
-        if self.ranges.len() >= UNFLUSHED_MAX_RANGES && !self.checkpoint_flushing {
-            self.checkpoint_flushing = true;
-            return true;
-        }
-        false
+        self.ranges.len() >= UNFLUSHED_MAX_RANGES && self.flushes.is_empty()
     }
 
     fn flush_issued(&mut self, op: OpId) {
         self.flushes.insert(op, self.next_seq);
     }
 
-    /// A flush finished: what it covered is durable; if it failed, every
-    /// uncovered write may be lost and is returned.
-    fn flush_done(&mut self, op: OpId, ok: bool) -> Vec<(u64, u64)> {
-        let covers = self.flushes.remove(&op);
+    /// Op `op` finished. None if it was no data flush; else what may be
+    /// lost: nothing when it succeeded (what it covered is durable), every
+    /// uncovered write when it failed.
+    fn flush_done(&mut self, op: OpId, ok: bool) -> Option<Vec<(u64, u64)>> {
+        let covers = self.flushes.remove(&op)?;
         if ok {
-            let covers = covers.unwrap_or(0);
             while self.ranges.front().is_some_and(|&(seq, _, _)| seq < covers) {
                 self.ranges.pop_front();
             }
-            return Vec::new();
+            return Some(Vec::new());
         }
-        self.ranges.drain(..).map(|(_, o, l)| (o, l)).collect()
-    }
-
-    pub fn checkpoint_done(&mut self) {
-        self.checkpoint_flushing = false;
+        Some(self.ranges.drain(..).map(|(_, o, l)| (o, l)).collect())
     }
 }
 
@@ -86,11 +78,14 @@ impl Engine {
         }
     }
 
-    /// A flush of the data disk finished. A Primary that lost writes this
-    /// way has no better copy to take them from here (the Secondary's may
-    /// lack others); the client's flush fails, nothing is marked.
+    /// Disk op `op` finished; for a flush of the data disk, act on what it
+    /// may have lost. A Primary that lost writes this way has no better
+    /// copy to take them from here (the Secondary's may lack others); the
+    /// client's flush fails, nothing is marked.
     pub(super) fn data_flush_done(&mut self, op: OpId, ok: bool) {
-        let lost = self.unflushed.flush_done(op, ok);
+        let Some(lost) = self.unflushed.flush_done(op, ok) else {
+            return;
+        };
         if ok || self.role == NodeRole::Primary {
             return;
         }

@@ -533,16 +533,7 @@ impl Engine {
             });
             return;
         }
-        if matches!(
-            purpose,
-            OpPurpose::BarrierFlush(_)
-                | OpPurpose::TargetFinalFlush
-                | OpPurpose::CheckpointFlush
-                | OpPurpose::AlPreFlush(_)
-                | OpPurpose::AppFlush(_)
-        ) {
-            self.data_flush_done(op, result.is_ok());
-        }
+        self.data_flush_done(op, result.is_ok());
         match purpose {
             OpPurpose::AppWrite(id) => self.app_write_done(id, result.is_ok()),
             OpPurpose::AppRead(id) => {
@@ -558,12 +549,12 @@ impl Engine {
             OpPurpose::ResyncWrite(key) => self.resync_write_done(key, result.is_ok()),
             OpPurpose::VerifyRead(key) => self.verify_read_done(key, result),
             OpPurpose::TargetFinalFlush => self.target_final_flush_done(result.is_ok()),
-            OpPurpose::CheckpointFlush => self.unflushed.checkpoint_done(),
             OpPurpose::Superblock(seq) => self.superblock_done(seq),
             OpPurpose::AlGroup(seq) => self.al_group_part_done(seq),
             OpPurpose::AlPreFlush(seq) => self.al_preflush_done(seq),
             OpPurpose::AlPage => self.al_page_done(),
-            OpPurpose::BitmapPage => {}
+            // Nothing waits for these (a checkpoint flush is counted above).
+            OpPurpose::CheckpointFlush | OpPurpose::BitmapPage => {}
         }
         self.pump();
     }
