@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 need_pkgs=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have nbdinfo || need_pkgs+=(libnbd-bin)
+# The disk-error failover tests show a failing nbdkit disk as a file.
+have nbdfuse || need_pkgs+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_pkgs+=(python3-libnbd)
 have nbdkit || need_pkgs+=(nbdkit)
 have fio || need_pkgs+=(fio)

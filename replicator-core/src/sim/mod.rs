@@ -188,13 +188,8 @@ enum Action {
     /// victim's writes, discarded later).
     UntrackedWrites(usize, u64),
     Admin(usize, AdminCommand),
-    /// Node `.0`'s data writes start (true) or stop (false) failing.
-    DiskFails(usize, bool),
-    /// Node `.0`'s data flushes start (true) or stop (false) failing; a
-    /// failed flush loses the writes it covered.
-    FlushFails(usize, bool),
-    /// Node `.0`'s metadata writes start (true) or stop (false) failing.
-    MetaFails(usize, bool),
+    /// Node `.0`'s disk starts failing this way, or (None) stops.
+    FailDisk(usize, Option<DiskFault>),
     /// The Secondary of the moment (if running) starts failing.
     SecondaryDiskFaults(DiskFault),
     /// No disk fails any more; the operator restarts a node that stopped
@@ -240,10 +235,8 @@ struct Node {
     tear_next_meta: bool,
     /// Crash (tearing it) at the next superblock write this node issues.
     crash_on_superblock_write: bool,
-    /// Data writes fail (ENOSPC) and change nothing.
-    disk_fails: bool,
-    flush_fails: bool,
-    meta_fails: bool,
+    /// What this node's disk fails now, if anything.
+    failing: Option<DiskFault>,
 }
 
 #[derive(Debug, Clone)]
@@ -646,45 +639,37 @@ impl World {
                     return Ok(());
                 };
                 let n = &mut self.nodes[node];
-                let fails = n.disk_fails
-                    && matches!(
-                        kind,
-                        DiskOp::Write { .. } | DiskOp::Zero { .. } | DiskOp::Trim { .. }
-                    );
-                if n.meta_fails && matches!(kind, DiskOp::MetaWrite { .. }) {
-                    self.report.meta_write_errors += 1;
-                    return self.feed(
-                        node,
-                        Input::DiskDone {
-                            op,
-                            result: Err(crate::engine::DiskError { code: 5 }),
-                        },
-                    );
-                }
-                if n.flush_fails && kind == DiskOp::Flush {
-                    self.report.disk_flush_errors += 1;
-                    let lost = n.data.lose_unflushed();
-                    if lost {
+                // A failing disk: data writes fail (ENOSPC) and change
+                // nothing; a flush fails (EIO) and loses the writes it
+                // should have made durable; metadata writes fail (EIO).
+                let error = match (n.failing, &kind) {
+                    (
+                        Some(DiskFault::DataWrites),
+                        DiskOp::Write { .. } | DiskOp::Zero { .. } | DiskOp::Trim { .. },
+                    ) => {
+                        self.report.disk_write_errors += 1;
                         self.lost_writes[node] = true;
+                        Some(28)
                     }
+                    (Some(DiskFault::Flushes), DiskOp::Flush) => {
+                        self.report.disk_flush_errors += 1;
+                        self.lost_writes[node] |= n.data.lose_unflushed();
+                        Some(5)
+                    }
+                    (Some(DiskFault::MetaWrites), DiskOp::MetaWrite { .. }) => {
+                        self.report.meta_write_errors += 1;
+                        Some(5)
+                    }
+                    _ => None,
+                };
+                if let Some(code) = error {
                     let name = self.nodes[node].name;
-                    self.log(format!("{name}: {op:?} flush FAILED (writes lost: {lost})"));
+                    self.log(format!("{name}: {op:?} FAILED with errno {code}"));
                     return self.feed(
                         node,
                         Input::DiskDone {
                             op,
-                            result: Err(crate::engine::DiskError { code: 5 }),
-                        },
-                    );
-                }
-                if fails {
-                    self.report.disk_write_errors += 1;
-                    self.lost_writes[node] = true;
-                    return self.feed(
-                        node,
-                        Input::DiskDone {
-                            op,
-                            result: Err(crate::engine::DiskError { code: 28 }),
+                            result: Err(crate::engine::DiskError { code }),
                         },
                     );
                 }
@@ -1061,31 +1046,23 @@ impl World {
                     self.ensure_primary()?;
                 }
             }
-            Action::DiskFails(n, on) => self.nodes[n].disk_fails = on,
-            Action::FlushFails(n, on) => self.nodes[n].flush_fails = on,
-            Action::MetaFails(n, on) => self.nodes[n].meta_fails = on,
+            Action::FailDisk(n, fault) => self.nodes[n].failing = fault,
             Action::SecondaryDiskFaults(fault) => {
                 let n = 1 - self.client_node;
                 if self
                     .engine(n)
                     .is_some_and(|e| e.role() == NodeRole::Secondary)
                 {
-                    let node = &mut self.nodes[n];
-                    match fault {
-                        DiskFault::DataWrites => node.disk_fails = true,
-                        DiskFault::Flushes => node.flush_fails = true,
-                        DiskFault::MetaWrites => node.meta_fails = true,
-                    }
+                    self.nodes[n].failing = Some(fault);
                 }
             }
             Action::DiskFaultsOff => {
                 let mut stopped = Vec::new();
                 for (i, n) in self.nodes.iter_mut().enumerate() {
-                    if std::mem::take(&mut n.meta_fails) && n.engine.is_none() {
+                    let fault = n.failing.take();
+                    if fault == Some(DiskFault::MetaWrites) && n.engine.is_none() {
                         stopped.push(i);
                     }
-                    n.disk_fails = false;
-                    n.flush_fails = false;
                 }
                 for n in stopped {
                     self.script(Action::Restart(n))?;
@@ -1453,9 +1430,7 @@ fn new_node(name: &'static str, layout: &MetadataLayout) -> Result<Node, String>
         durable_floor: Floors::new(),
         tear_next_meta: false,
         crash_on_superblock_write: false,
-        disk_fails: false,
-        flush_fails: false,
-        meta_fails: false,
+        failing: None,
     })
 }
 
@@ -1732,38 +1707,38 @@ fn plan(w: &mut World, rng: &mut SplitMix64, start: u64) {
             s.push((t(600), Action::Restart(1)));
         }
         Scenario::SecondaryDiskFails => {
-            s.push((t(100), Action::DiskFails(1, true)));
+            s.push((t(100), Action::FailDisk(1, Some(DiskFault::DataWrites))));
             s.push((t(300), Action::Crash(0)));
-            s.push((t(400), Action::DiskFails(1, false)));
+            s.push((t(400), Action::FailDisk(1, None)));
             s.push((t(500), Action::Restart(0)));
         }
         Scenario::SecondaryFlushFails => {
-            s.push((t(100), Action::FlushFails(1, true)));
+            s.push((t(100), Action::FailDisk(1, Some(DiskFault::Flushes))));
             s.push((t(300), Action::Crash(0)));
-            s.push((t(400), Action::FlushFails(1, false)));
+            s.push((t(400), Action::FailDisk(1, None)));
             s.push((t(500), Action::Restart(0)));
         }
         Scenario::SecondaryMetaFails => {
-            s.push((t(100), Action::MetaFails(1, true)));
+            s.push((t(100), Action::FailDisk(1, Some(DiskFault::MetaWrites))));
             // Had it gone on after a failed metadata write, a crash would
             // find its activity log and bitmap behind its data.
             s.push((t(200), Action::Crash(1)));
-            s.push((t(400), Action::MetaFails(1, false)));
+            s.push((t(400), Action::FailDisk(1, None)));
             s.push((t(450), Action::Restart(1)));
         }
         Scenario::PrimaryMetaFails => {
-            s.push((t(100), Action::MetaFails(0, true)));
+            s.push((t(100), Action::FailDisk(0, Some(DiskFault::MetaWrites))));
             // Had it gone on after a failed metadata write, its activity
             // log would not name the extents of the writes in flight here.
             s.push((t(200), Action::Crash(0)));
-            s.push((t(400), Action::MetaFails(0, false)));
+            s.push((t(400), Action::FailDisk(0, None)));
             s.push((t(450), Action::Restart(0)));
         }
         Scenario::SyncTargetFlushFails => {
             s.push((t(100), Action::Partition));
             s.push((t(300), Action::Heal));
-            s.push((t(305), Action::FlushFails(1, true)));
-            s.push((t(450), Action::FlushFails(1, false)));
+            s.push((t(305), Action::FailDisk(1, Some(DiskFault::Flushes))));
+            s.push((t(450), Action::FailDisk(1, None)));
             s.push((t(700), Action::Crash(1)));
             s.push((t(800), Action::Restart(1)));
         }
