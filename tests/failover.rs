@@ -750,6 +750,30 @@ fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
         .wait_status("Inconsistent after its flush failed", STATE_TIMEOUT, |s| {
             s["disk"] == "Inconsistent"
         });
+    // A resync onto the disk while it still fails: bravo retries after
+    // 1 s, then 2 s, ... (RESYNC_DISK_RETRY_FIRST_NS), not at once and
+    // for ever (it did about 20 failed flushes a second).
+    c.bravo().replctl_ok(&["resync"]);
+    c.bravo()
+        .wait_status("resyncing onto the failing disk", STATE_TIMEOUT, |s| {
+            s["replication"] == "SyncTarget"
+        });
+    let failed_flushes = |c: &Cluster| {
+        c.bravo()
+            .log()
+            .lines()
+            .filter(|l| l.contains("disk operation failed: flush"))
+            .count()
+    };
+    let before = failed_flushes(&c);
+    std::thread::sleep(Duration::from_secs(4));
+    let during = failed_flushes(&c) - before;
+    assert!(
+        during <= 4,
+        "{during} failed flushes in 4 s: the resync must wait longer after each"
+    );
+    assert_eq!(c.bravo().status()["replication"], "SyncTarget");
+    // Once the disk is sound, the operator's `resync` retries at once.
     flaky.failing(false);
     let out = c
         .bravo()

@@ -1421,3 +1421,79 @@ fn peers_with_different_bitmap_granularity_refuse_each_other_at_hello() {
         assert_eq!(e.status().connection, ConnState::StandAlone, "{name}");
     }
 }
+
+#[test]
+fn a_sync_target_whose_disk_fails_waits_longer_before_each_retry() {
+    // A SyncTarget whose disk fails its resync writes keeps the blocks
+    // marked and asks for nothing more for RESYNC_DISK_RETRY_FIRST_NS, then
+    // twice as long after the next failure; `replctl resync` (StartResync)
+    // retries at once, and with a sound disk the resync finishes.
+    use replicator_core::engine::{RESYNC_DISK_RETRY_FIRST_NS, RESYNC_DISK_RETRY_MAX_NS};
+    let requests = |outs: &[Output]| {
+        sent(outs)
+            .iter()
+            .filter(|m| matches!(m, Message::ResyncRequest { .. }))
+            .count()
+    };
+    let mut p = Pair::new(ProtocolMode::C);
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Disconnected);
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    for i in 0..4 {
+        p.a.handle(Time(0), write_req(10 + i, i * (1 << 20), false));
+    }
+    p.run(&mut Vec::new(), &mut Vec::new());
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(0), Input::Connected);
+    }
+    let mut ob = Vec::new();
+    p.run_at(Time(0), true, &mut Vec::new(), &mut ob);
+    assert_eq!(p.b.status().replication, ReplState::SyncTarget);
+    assert_eq!(requests(&ob), 4, "the first try asks for every range");
+    assert_eq!(
+        p.b.status().out_of_sync_bytes,
+        16384,
+        "failed writes clear nothing"
+    );
+
+    // Ticks (and pings) until `until`: how many requests b sent meanwhile.
+    let mut now = 0;
+    let mut tick_until = |p: &mut Pair, until: u64| {
+        let mut ob = Vec::new();
+        while now < until {
+            now = (now + 100_000_000).min(until);
+            for e in [&mut p.a, &mut p.b] {
+                e.handle(Time(now), Input::Tick);
+            }
+            p.run_at(Time(now), true, &mut Vec::new(), &mut ob);
+            let next = p.b.next_deadline().expect("b waits for a tick");
+            assert!(next.0 > now, "a deadline in the past would spin the loop");
+        }
+        requests(&ob)
+    };
+    let first = RESYNC_DISK_RETRY_FIRST_NS;
+    assert_eq!(tick_until(&mut p, first - 1), 0, "no retry before the wait");
+    assert_eq!(tick_until(&mut p, first), 4, "the retry asks again");
+    assert_eq!(
+        tick_until(&mut p, 3 * first - 1),
+        0,
+        "the second wait is twice as long"
+    );
+    assert_eq!(tick_until(&mut p, 3 * first), 4);
+    let far = 3 * first + 10 * RESYNC_DISK_RETRY_MAX_NS;
+    let capped = tick_until(&mut p, far);
+    assert!(
+        (10..=14 * 4).contains(&capped) && capped % 4 == 0,
+        "waits stop growing at RESYNC_DISK_RETRY_MAX_NS: {capped} requests"
+    );
+    assert_eq!(p.b.status().replication, ReplState::SyncTarget);
+    assert_eq!(p.a.status().connection, ConnState::Connected);
+
+    // The operator's `resync` retries now; the disk works again.
+    p.b.handle(Time(now), Input::Admin(AdminCommand::StartResync));
+    p.run_at(Time(now), false, &mut Vec::new(), &mut Vec::new());
+    assert_eq!(p.b.status().replication, ReplState::Established);
+    assert_eq!(p.b.status().out_of_sync_bytes, 0);
+    assert_eq!(p.b.disk_state(), DiskState::UpToDate);
+}

@@ -86,7 +86,14 @@ impl Engine {
         let Some(lost) = self.unflushed.flush_done(op, ok) else {
             return;
         };
-        if ok || self.role == NodeRole::Primary {
+        if ok {
+            if let Some(t) = self.target.as_mut().filter(|_| !lost.is_empty()) {
+                // Resync data of earlier tries is durable: the disk works.
+                t.disk_failures = 0;
+            }
+            return;
+        }
+        if self.role == NodeRole::Primary {
             return;
         }
         for (offset, len) in lost {
@@ -106,6 +113,7 @@ impl Engine {
             self.local_write_failed();
         } else {
             debug_assert_eq!(self.disk, DiskState::Inconsistent);
+            self.target_disk_failed();
         }
     }
 }

@@ -36,7 +36,8 @@ use crate::wire::Message;
 pub use handshake::{BITMAP_CHUNKS_IN_FLIGHT, BITMAP_CHUNK_SEND_BYTES};
 pub use io::*;
 pub use resync::{
-    RESYNC_MAX_INFLIGHT_REQUESTS, RESYNC_RATE_MAX_SAVED_NS, RESYNC_REQUEST_MAX_BYTES,
+    RESYNC_DISK_RETRY_FIRST_NS, RESYNC_DISK_RETRY_MAX_NS, RESYNC_MAX_INFLIGHT_REQUESTS,
+    RESYNC_RATE_MAX_SAVED_NS, RESYNC_REQUEST_MAX_BYTES,
 };
 
 use handshake::Handshake;
@@ -305,8 +306,11 @@ impl Engine {
             if let Some(since) = self.primary.epoch_started {
                 at(since.plus_ns(BARRIER_INTERVAL_NS));
             }
-            if let Some(t) = self.target.as_ref().and_then(|t| t.throttled_until) {
-                at(t);
+            if let Some(t) = self.target.as_ref() {
+                t.throttled_until
+                    .into_iter()
+                    .chain(t.disk_retry_at)
+                    .for_each(&mut at);
             }
         }
         d
@@ -616,6 +620,8 @@ impl Engine {
                     // differences, or after the Secondary's disk failed
                     // writes and turned Inconsistent.
                     self.renegotiate("resync");
+                } else if self.repl == ReplState::SyncTarget {
+                    self.target_retry_now();
                 }
                 Ok(())
             }

@@ -34,6 +34,14 @@ pub const RESYNC_REQUEST_MAX_BYTES: u64 = 128 * 1024;
 /// application writes, a slow peer) catches up by at most this much at
 /// full speed, then goes at the rate again.
 pub const RESYNC_RATE_MAX_SAVED_NS: u64 = 100_000_000;
+/// A SyncTarget whose disk failed a resync write or flush requests nothing
+/// more for this long, doubling with each failure in a row up to
+/// [`RESYNC_DISK_RETRY_MAX_NS`]: a failing disk is not hammered (and its
+/// log not flooded) while the operator replaces it; `replctl resync`
+/// retries at once.
+pub const RESYNC_DISK_RETRY_FIRST_NS: u64 = 1_000_000_000;
+/// Longest wait between retries of a resync onto a failing disk.
+pub const RESYNC_DISK_RETRY_MAX_NS: u64 = 16_000_000_000;
 /// Most verify requests in flight.
 pub const VERIFY_MAX_INFLIGHT_REQUESTS: usize = 16;
 /// Range one verify request covers.
@@ -70,6 +78,11 @@ pub(super) struct TargetState {
     /// Checksum requests whose range lost writes to a failed flush after
     /// the local read: an in-sync answer compares data no longer on disk.
     pub stale: BTreeSet<RequestId>,
+    /// Disk failures (resync write or flush) since the last flush that
+    /// made resync data durable; each one holds requests back for longer.
+    pub disk_failures: u32,
+    /// After a disk failure: no requests before this time.
+    pub disk_retry_at: Option<Time>,
 }
 
 #[derive(Debug, Default)]
@@ -179,6 +192,8 @@ impl Engine {
             source_uuids,
             finishing: false,
             stale: BTreeSet::new(),
+            disk_failures: 0,
+            disk_retry_at: None,
         });
         self.set_repl(ReplState::SyncTarget);
         self.update_paused();
@@ -217,10 +232,11 @@ impl Engine {
         if t.finishing {
             return;
         }
-        if t.throttled_until.is_some_and(|u| now < u) {
+        if t.throttled_until.is_some_and(|u| now < u) || t.disk_retry_at.is_some_and(|u| now < u) {
             return;
         }
         t.throttled_until = None;
+        t.disk_retry_at = None;
         let mut requests = Vec::new();
         while t.inflight.len() + t.writes.len() < RESYNC_MAX_INFLIGHT_REQUESTS
             && self.unflushed.len() < 2 * UNFLUSHED_MAX_RANGES
@@ -480,6 +496,39 @@ impl Engine {
             t.done_bytes += item.len;
             let _ = self.bitmap.clear_range(item.offset, item.len);
             self.wrote_unflushed(item.offset, item.len);
+        } else {
+            self.target_disk_failed();
+        }
+    }
+
+    /// The SyncTarget's disk failed a resync write or a flush: the blocks
+    /// stay (or are again) out of sync, and requests wait before the next
+    /// try.
+    pub(super) fn target_disk_failed(&mut self) {
+        let now = self.now;
+        let Some(t) = self.target.as_mut() else {
+            return;
+        };
+        if t.disk_retry_at.is_some_and(|u| now < u) {
+            // Another failure of the same try (the requests of one window
+            // fail together): one step of the wait.
+            return;
+        }
+        t.disk_failures = t.disk_failures.saturating_add(1);
+        let delay = RESYNC_DISK_RETRY_FIRST_NS
+            .checked_shl(t.disk_failures - 1)
+            .unwrap_or(u64::MAX)
+            .min(RESYNC_DISK_RETRY_MAX_NS);
+        t.disk_retry_at = Some(now.plus_ns(delay));
+    }
+
+    /// `replctl resync` on a SyncTarget waiting after disk failures: the
+    /// operator says the disk is sound again, so the next try is now.
+    pub(super) fn target_retry_now(&mut self) {
+        if let Some(t) = self.target.as_mut().filter(|t| t.disk_failures > 0) {
+            t.disk_failures = 0;
+            t.disk_retry_at = None;
+            self.resync_pump();
         }
     }
 
@@ -488,6 +537,8 @@ impl Engine {
             return;
         };
         t.finishing = false;
+        // A failed flush was counted as the target's disk failure when it
+        // was reported (`data_flush_done`).
         if !ok || !self.replicating || self.bitmap.count() > 0 {
             // Not finished after all (new bits or a failed flush): keep going.
             return;

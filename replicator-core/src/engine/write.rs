@@ -708,6 +708,7 @@ impl Engine {
         if !ok {
             self.mark_oos(w.offset, w.len);
             self.local_write_failed();
+            self.target_disk_failed();
         } else {
             self.wrote_unflushed(w.offset, w.len);
         }

@@ -6,8 +6,8 @@ pub use bytes::Bytes;
 pub use replicator_core::activity_log::{AlRecovery, MIN_AL_EXTENTS};
 pub use replicator_core::bitmap::{Bitmap, DEFAULT_BITMAP_BLOCK_BYTES};
 pub use replicator_core::engine::{
-    AdminCommand, AdminError, ClientError, ClientId, ClientRequest, ConnState, DiskOp, Engine,
-    EngineConfig, Event, Input, LoadedMetadata, OpId, Output, ReplState, SimFault, Time,
+    AdminCommand, AdminError, ClientError, ClientId, ClientRequest, ConnState, DiskError, DiskOp,
+    Engine, EngineConfig, Event, Input, LoadedMetadata, OpId, Output, ReplState, SimFault, Time,
 };
 pub use replicator_core::generation::SplitBrainPolicy;
 pub use replicator_core::metadata::{self, MetadataLayout};
@@ -177,6 +177,18 @@ impl Pair {
 
     /// Shuttle frames and complete every disk op; collect other outputs.
     pub fn run(&mut self, a_out: &mut Vec<Output>, b_out: &mut Vec<Output>) {
+        self.run_at(Time(0), false, a_out, b_out);
+    }
+
+    /// Like [`Pair::run`], at engine time `now`; with `b_writes_fail`,
+    /// every data write of b fails with EIO.
+    pub fn run_at(
+        &mut self,
+        now: Time,
+        b_writes_fail: bool,
+        a_out: &mut Vec<Output>,
+        b_out: &mut Vec<Output>,
+    ) {
         for _ in 0..10_000 {
             let (oa, ob) = (drain(&mut self.a), drain(&mut self.b));
             if oa.is_empty() && ob.is_empty() {
@@ -193,21 +205,18 @@ impl Pair {
                         keep.push(o.clone());
                     }
                     match o {
-                        Output::Send(m) => other.handle(Time(0), Input::PeerFrame(m)),
+                        Output::Send(m) => other.handle(now, Input::PeerFrame(m)),
                         Output::Disk { op, kind } => {
-                            let data = match kind {
-                                DiskOp::Read { len_bytes, .. } => {
-                                    Bytes::from(vec![0u8; len_bytes as usize])
+                            let result = match kind {
+                                DiskOp::Write { .. } if me == 1 && b_writes_fail => {
+                                    Err(DiskError { code: 5 })
                                 }
-                                _ => Bytes::new(),
+                                DiskOp::Read { len_bytes, .. } => {
+                                    Ok(Bytes::from(vec![0u8; len_bytes as usize]))
+                                }
+                                _ => Ok(Bytes::new()),
                             };
-                            this.handle(
-                                Time(0),
-                                Input::DiskDone {
-                                    op,
-                                    result: Ok(data),
-                                },
-                            );
+                            this.handle(now, Input::DiskDone { op, result });
                         }
                         other_out => keep.push(other_out),
                     }
