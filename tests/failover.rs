@@ -772,7 +772,12 @@ fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
         during <= 4,
         "{during} failed flushes in 4 s: the resync must wait longer after each"
     );
-    assert_eq!(c.bravo().status()["replication"], "SyncTarget");
+    let status = c.bravo().status();
+    assert_eq!(status["replication"], "SyncTarget");
+    assert!(
+        status["resync_disk_wait_s"].as_u64() >= Some(1),
+        "status says the resync waits for the disk: {status}"
+    );
     // Once the disk is sound, the operator's `resync` retries at once.
     flaky.failing(false);
     let out = c

@@ -1473,27 +1473,40 @@ fn a_sync_target_whose_disk_fails_waits_longer_before_each_retry() {
         requests(&ob)
     };
     let first = RESYNC_DISK_RETRY_FIRST_NS;
+    let secs = |ns: u64| ns / 1_000_000_000;
+    assert_eq!(p.b.status().resync_disk_wait_s, Some(secs(first)));
     assert_eq!(tick_until(&mut p, first - 1), 0, "no retry before the wait");
     assert_eq!(tick_until(&mut p, first), 4, "the retry asks again");
+    assert_eq!(p.b.status().resync_disk_wait_s, Some(secs(2 * first)));
     assert_eq!(
         tick_until(&mut p, 3 * first - 1),
         0,
         "the second wait is twice as long"
     );
     assert_eq!(tick_until(&mut p, 3 * first), 4);
-    let far = 3 * first + 10 * RESYNC_DISK_RETRY_MAX_NS;
-    let capped = tick_until(&mut p, far);
-    assert!(
-        (10..=14 * 4).contains(&capped) && capped % 4 == 0,
-        "waits stop growing at RESYNC_DISK_RETRY_MAX_NS: {capped} requests"
+    // Then 4, 8 and 16 s, and 16 s from then on: tries at 7, 15, 31, 47,
+    // ... 159 s (uncapped it would be 7, 15, 31, 63 and 127 s).
+    assert_eq!(secs(RESYNC_DISK_RETRY_MAX_NS), 16);
+    let capped = tick_until(&mut p, 3 * first + 10 * RESYNC_DISK_RETRY_MAX_NS);
+    assert_eq!(
+        capped,
+        11 * 4,
+        "waits stop growing at RESYNC_DISK_RETRY_MAX_NS"
     );
     assert_eq!(p.b.status().replication, ReplState::SyncTarget);
+    assert_eq!(p.b.status().resync_disk_wait_s, Some(16));
     assert_eq!(p.a.status().connection, ConnState::Connected);
+    assert_eq!(
+        p.a.status().resync_disk_wait_s,
+        None,
+        "only the target waits"
+    );
 
     // The operator's `resync` retries now; the disk works again.
     p.b.handle(Time(now), Input::Admin(AdminCommand::StartResync));
     p.run_at(Time(now), false, &mut Vec::new(), &mut Vec::new());
     assert_eq!(p.b.status().replication, ReplState::Established);
     assert_eq!(p.b.status().out_of_sync_bytes, 0);
+    assert_eq!(p.b.status().resync_disk_wait_s, None);
     assert_eq!(p.b.disk_state(), DiskState::UpToDate);
 }

@@ -358,5 +358,8 @@ pub struct Status {
     pub size_bytes: u64,
     pub out_of_sync_bytes: u64,
     pub resync: Option<ResyncProgress>,
+    /// A SyncTarget waiting after its disk failed a resync write or flush:
+    /// how long this wait is (1 s, doubling, at most 16 s), in seconds.
+    pub resync_disk_wait_s: Option<u64>,
     pub split_brain: bool,
 }

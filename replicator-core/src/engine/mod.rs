@@ -366,6 +366,7 @@ impl Engine {
             size_bytes: self.cfg.size_bytes,
             out_of_sync_bytes: self.bitmap.out_of_sync_bytes(),
             resync: self.resync_progress(),
+            resync_disk_wait_s: self.resync_disk_wait_s(),
             split_brain: self.split_brain,
         }
     }

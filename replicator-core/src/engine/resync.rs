@@ -47,6 +47,14 @@ pub const VERIFY_MAX_INFLIGHT_REQUESTS: usize = 16;
 /// Range one verify request covers.
 pub const VERIFY_REQUEST_BYTES: u64 = 128 * 1024;
 
+/// The wait after the `failures`-th disk failure in a row (from 1).
+fn resync_disk_wait_ns(failures: u32) -> u64 {
+    RESYNC_DISK_RETRY_FIRST_NS
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u64::MAX)
+        .min(RESYNC_DISK_RETRY_MAX_NS)
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct ResyncItem {
     pub id: RequestId,
@@ -515,11 +523,16 @@ impl Engine {
             return;
         }
         t.disk_failures = t.disk_failures.saturating_add(1);
-        let delay = RESYNC_DISK_RETRY_FIRST_NS
-            .checked_shl(t.disk_failures - 1)
-            .unwrap_or(u64::MAX)
-            .min(RESYNC_DISK_RETRY_MAX_NS);
-        t.disk_retry_at = Some(now.plus_ns(delay));
+        t.disk_retry_at = Some(now.plus_ns(resync_disk_wait_ns(t.disk_failures)));
+    }
+
+    /// The wait a SyncTarget is in after a disk failure, in seconds.
+    pub(super) fn resync_disk_wait_s(&self) -> Option<u64> {
+        let t = self.target.as_ref()?;
+        if t.disk_retry_at.is_none_or(|u| self.now >= u) {
+            return None;
+        }
+        Some(resync_disk_wait_ns(t.disk_failures) / 1_000_000_000)
     }
 
     /// `replctl resync` on a SyncTarget waiting after disk failures: the

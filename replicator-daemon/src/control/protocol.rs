@@ -399,6 +399,11 @@ pub struct StatusReport {
     /// Bytes sent or received by resyncs since the daemon started.
     #[serde(default)]
     pub resync_transferred_bytes: u64,
+    /// A SyncTarget whose disk failed a resync write or flush waits before
+    /// it asks again: this wait's length in seconds (1, doubling up to 16);
+    /// absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_disk_wait_s: Option<u64>,
 }
 
 /// Kind of an event line (as in `drbdsetup events2`).
@@ -642,6 +647,7 @@ mod tests {
             nbd: Some("127.0.0.1:10809".into()),
             nbd_clients: 1,
             resync_transferred_bytes: 512 << 20,
+            resync_disk_wait_s: None,
         }
     }
 

@@ -44,6 +44,7 @@ pub fn sample_status() -> StatusReport {
         nbd: Some("127.0.0.1:10809".into()),
         nbd_clients: 0,
         resync_transferred_bytes: 0,
+        resync_disk_wait_s: None,
     }
 }
 

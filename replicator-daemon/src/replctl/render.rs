@@ -108,7 +108,17 @@ pub fn status_text(s: &StatusReport) -> String {
         } else {
             ""
         };
-        let _ = writeln!(out, "    resync:{}{paused}", progress_tokens(progress));
+        let waiting = match s.resync_disk_wait_s {
+            Some(wait) => {
+                format!(" (the disk failed; asking again within {wait}s, `replctl resync` now)")
+            }
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "    resync:{}{paused}{waiting}",
+            progress_tokens(progress)
+        );
     }
     if let Some(progress) = &s.verify {
         let _ = writeln!(out, "    verify:{}", progress_tokens(progress));
@@ -233,6 +243,7 @@ mod tests {
             nbd: Some("127.0.0.1:10809".into()),
             nbd_clients: 1,
             resync_transferred_bytes: 512 << 20,
+            resync_disk_wait_s: None,
         }
     }
 
@@ -311,6 +322,29 @@ mod tests {
         );
         s.disk_error = None;
         assert!(!status_text(&s).contains("disk-error"));
+    }
+
+    #[test]
+    fn status_text_says_a_resync_waits_after_a_disk_failure() {
+        // Proves a SyncTarget backing off from its failing disk says so on
+        // its resync line, and how the operator retries at once.
+        let mut s = syncing();
+        s.role = Role::Secondary;
+        s.replication = ReplicationState::SyncTarget;
+        s.resync_disk_wait_s = Some(8);
+        let text = status_text(&s);
+        assert!(
+            text.contains(
+                "    resync:50.00% 512.0MiB/1.00GiB rate:100.0MiB/s eta:0:05 \
+                 (the disk failed; asking again within 8s, `replctl resync` now)\n"
+            ),
+            "{text}"
+        );
+        s.resync_disk_wait_s = None;
+        assert!(!status_text(&s).contains("disk failed"));
+        // Absent from --json unless waiting (the pinned golden has none).
+        let json = serde_json::to_value(&s).unwrap();
+        assert!(json.get("resync_disk_wait_s").is_none(), "{json}");
     }
 
     #[test]
