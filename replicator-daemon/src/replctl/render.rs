@@ -127,12 +127,11 @@ pub fn status_text(s: &StatusReport) -> String {
         let _ = writeln!(out, "    refused: {reason}");
     }
     // The same sentence is often both why the peer was refused and why
-    // the link dropped; say it once.
-    if let Some(reason) = s
-        .connection_error
-        .as_ref()
-        .filter(|r| s.last_refusal.as_ref() != Some(*r))
-    {
+    // the link dropped; say it once. Once the link is up again the reason
+    // of the last drop is history (still in `--json`).
+    if let Some(reason) = s.connection_error.as_ref().filter(|r| {
+        s.last_refusal.as_ref() != Some(*r) && s.connection != ConnectionState::Connected
+    }) {
         let _ = writeln!(out, "    link-error: {reason}");
     }
     out
@@ -360,6 +359,26 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("link-error"), "{text}");
+    }
+
+    #[test]
+    fn status_text_shows_the_link_error_only_while_the_link_is_down() {
+        // Proves the reason of the last drop is shown while reconnecting
+        // and not under a link that is up again.
+        let mut s = syncing();
+        s.connection = ConnectionState::Connecting;
+        s.connection_error = Some("The peer closed the connection.".into());
+        assert!(
+            status_text(&s).ends_with("    link-error: The peer closed the connection.\n"),
+            "{}",
+            status_text(&s)
+        );
+        s.connection = ConnectionState::Connected;
+        assert!(
+            !status_text(&s).contains("link-error"),
+            "{}",
+            status_text(&s)
+        );
     }
 
     #[test]
