@@ -878,7 +878,9 @@ fn online_verify_of_identical_replicas_reports_zero_mismatches() {
     assert_eq!(p.a.status().replication, ReplState::Established);
 }
 
-fn disconnect_write_reconnect(p: &mut Pair) -> (Vec<Output>, Vec<Output>) {
+/// Four 4 KiB writes on a while disconnected, 1 MiB apart; then both
+/// see the link come back (nothing shuttled yet).
+fn disconnect_write_and_link_up(p: &mut Pair) {
     for e in [&mut p.a, &mut p.b] {
         e.handle(Time(0), Input::Disconnected);
     }
@@ -890,6 +892,10 @@ fn disconnect_write_reconnect(p: &mut Pair) -> (Vec<Output>, Vec<Output>) {
     for e in [&mut p.a, &mut p.b] {
         e.handle(Time(0), Input::Connected);
     }
+}
+
+fn disconnect_write_reconnect(p: &mut Pair) -> (Vec<Output>, Vec<Output>) {
+    disconnect_write_and_link_up(p);
     let (mut oa, mut ob) = (Vec::new(), Vec::new());
     p.run(&mut oa, &mut ob);
     (oa, ob)
@@ -1436,17 +1442,7 @@ fn a_sync_target_whose_disk_fails_waits_longer_before_each_retry() {
             .count()
     };
     let mut p = Pair::new(ProtocolMode::C);
-    for e in [&mut p.a, &mut p.b] {
-        e.handle(Time(0), Input::Disconnected);
-    }
-    p.run(&mut Vec::new(), &mut Vec::new());
-    for i in 0..4 {
-        p.a.handle(Time(0), write_req(10 + i, i * (1 << 20), false));
-    }
-    p.run(&mut Vec::new(), &mut Vec::new());
-    for e in [&mut p.a, &mut p.b] {
-        e.handle(Time(0), Input::Connected);
-    }
+    disconnect_write_and_link_up(&mut p);
     let mut ob = Vec::new();
     p.run_at(Time(0), true, &mut Vec::new(), &mut ob);
     assert_eq!(p.b.status().replication, ReplState::SyncTarget);

@@ -88,7 +88,7 @@ impl Engine {
         };
         if ok {
             if let Some(t) = self.target.as_mut().filter(|_| !lost.is_empty()) {
-                // Resync data of earlier tries is durable: the disk works.
+                // Writes of earlier tries are durable: the disk works again.
                 t.disk_failures = 0;
             }
             return;
