@@ -24,9 +24,21 @@ struct Pair {
     config: Config,
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+/// Two ports on 127.0.0.1 that were free a moment ago, and not the same
+/// one: the kernel may hand out one ephemeral port twice in a row once
+/// the first listener is closed.
+fn two_free_ports() -> (u16, u16) {
+    let port = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let first = port();
+    loop {
+        let second = port();
+        if second != first {
+            return (first, second);
+        }
+    }
 }
 
 impl Pair {
@@ -50,14 +62,13 @@ impl Pair {
                 String::new()
             }
         };
+        let (pa, pb) = two_free_ports();
         let text = format!(
             "resource = \"r0\"\nsecret = \"s3cret\"\nio_engine = \"sync\"\n\
              [nodes.alpha]\nreplication = \"127.0.0.1:{pa}\"\nnbd = \"unix:{d}/alpha.nbd\"\n\
              control = \"{d}/alpha.ctl\"\ndisk = \"{d}/alpha.img\"\n{ma}\
              [nodes.bravo]\nreplication = \"127.0.0.1:{pb}\"\nnbd = \"unix:{d}/bravo.nbd\"\n\
              control = \"{d}/bravo.ctl\"\ndisk = \"{d}/bravo.img\"\n{mb}",
-            pa = free_port(),
-            pb = free_port(),
             ma = meta("alpha"),
             mb = meta("bravo"),
         );
