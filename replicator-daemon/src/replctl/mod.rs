@@ -534,7 +534,7 @@ async fn wait_for(
 ) -> Result<(), Failure> {
     let mut last_progress: Option<Progress> = None;
     let mut last_plain: Option<tokio::time::Instant> = None;
-    let mut was_paused = false;
+    let mut was_held = render::Hold::Moving;
     let mut bar_drawn = false;
     let mut announced = false;
     let mut tracker = WaitTracker::new(op);
@@ -546,9 +546,13 @@ async fn wait_for(
         let status = fetch_status(client, target).await?;
         let since_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let state = tracker.observe(&status, since_ms);
-        let (progress, paused) = match &state {
-            WaitState::Running(p) => (*p, false),
-            WaitState::Paused(p) => (*p, true),
+        let disk_wait = match op {
+            WaitOp::Resync => status.resync_disk_wait_s.map(render::Hold::DiskWait),
+            WaitOp::Verify => None,
+        };
+        let (progress, hold) = match &state {
+            WaitState::Running(p) => (*p, disk_wait.unwrap_or(render::Hold::Moving)),
+            WaitState::Paused(p) => (*p, render::Hold::Paused),
             WaitState::Done | WaitState::Aborted(_) => {
                 if bar_drawn {
                     write_out(console, "\n")?;
@@ -581,24 +585,25 @@ async fn wait_for(
             continue;
         };
         if console.out_is_tty {
-            write_out(console, &render::progress_bar(op, &shown, paused))?;
+            write_out(console, &render::progress_bar(op, &shown, hold))?;
             bar_drawn = true;
         } else {
             let now = tokio::time::Instant::now();
             let due = last_plain.is_none_or(|t| {
                 now.duration_since(t) >= Duration::from_millis(PLAIN_PROGRESS_INTERVAL_MS)
             });
-            // A pause or resume is reported at once; progress at most once a
-            // second, and not repeated while paused.
-            if paused != was_paused || (due && !paused) {
+            // A pause, a wait for the disk or their end is reported at
+            // once; progress at most once a second, and not repeated while
+            // paused.
+            if hold != was_held || (due && hold != render::Hold::Paused) {
                 write_out(
                     console,
-                    &format!("{}\n", render::progress_line(op, &shown, paused)),
+                    &format!("{}\n", render::progress_line(op, &shown, hold)),
                 )?;
                 last_plain = Some(now);
             }
         }
-        was_paused = paused;
+        was_held = hold;
     }
 }
 

@@ -160,7 +160,18 @@ impl WaitOp {
 /// clearing the rest of the line, no newline.
 ///
 /// `\rresync [############............]  50.00% 512.0MiB/1.00GiB 100.0MiB/s ETA 0:05\x1b[K`
-pub fn progress_bar(op: WaitOp, progress: &Progress, paused: bool) -> String {
+/// Why a running operation does not move, if it is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Not held: rate and ETA are shown.
+    Moving,
+    /// Paused by `pause-sync`.
+    Paused,
+    /// A SyncTarget waiting after its disk failed (`resync_disk_wait_s`).
+    DiskWait(u64),
+}
+
+pub fn progress_bar(op: WaitOp, progress: &Progress, hold: Hold) -> String {
     let percent = progress.percent();
     let filled = ((percent / 100.0) * PROGRESS_BAR_WIDTH_CHARS as f64).floor() as usize;
     let filled = filled.min(PROGRESS_BAR_WIDTH_CHARS);
@@ -169,14 +180,14 @@ pub fn progress_bar(op: WaitOp, progress: &Progress, paused: bool) -> String {
         "#".repeat(filled),
         ".".repeat(PROGRESS_BAR_WIDTH_CHARS - filled)
     );
-    let tail = if paused {
-        "paused".to_owned()
-    } else {
-        format!(
+    let tail = match hold {
+        Hold::Paused => "paused".to_owned(),
+        Hold::DiskWait(wait) => format!("disk failed, next try within {wait}s"),
+        Hold::Moving => format!(
             "{} ETA {}",
             rate(progress.rate_bytes_per_s),
             duration(progress.eta_s)
-        )
+        ),
     };
     format!(
         "\r{} [{bar}] {percent:>6.2}% {}/{} {tail}\x1b[K",
@@ -193,7 +204,7 @@ pub fn waiting_line(op: WaitOp) -> String {
 
 /// One plain progress line for logs and pipes (no control characters, no
 /// newline): `resync 50.00% 512.0MiB of 1.00GiB at 100.0MiB/s, ETA 0:05`.
-pub fn progress_line(op: WaitOp, progress: &Progress, paused: bool) -> String {
+pub fn progress_line(op: WaitOp, progress: &Progress, hold: Hold) -> String {
     let head = format!(
         "{} {:.2}% {} of {}",
         op.name(),
@@ -201,14 +212,16 @@ pub fn progress_line(op: WaitOp, progress: &Progress, paused: bool) -> String {
         bytes(progress.done_bytes),
         bytes(progress.total_bytes)
     );
-    if paused {
-        format!("{head}, paused (resume-sync continues it)")
-    } else {
-        format!(
+    match hold {
+        Hold::Paused => format!("{head}, paused (resume-sync continues it)"),
+        Hold::DiskWait(wait) => {
+            format!("{head}, the disk failed; asking again within {wait}s (`replctl resync` now)")
+        }
+        Hold::Moving => format!(
             "{head} at {}, ETA {}",
             rate(progress.rate_bytes_per_s),
             duration(progress.eta_s)
-        )
+        ),
     }
 }
 
@@ -432,10 +445,10 @@ mod tests {
         // Proves the tty bar: carriage return first, half-filled bar,
         // percentage, amounts, rate, ETA, clear-to-end, no newline.
         assert_eq!(
-            progress_bar(WaitOp::Resync, &half_done(), false),
+            progress_bar(WaitOp::Resync, &half_done(), Hold::Moving),
             "\rresync [############............]  50.00% 512.0MiB/1.00GiB 100.0MiB/s ETA 0:05\x1b[K"
         );
-        let paused = progress_bar(WaitOp::Verify, &half_done(), true);
+        let paused = progress_bar(WaitOp::Verify, &half_done(), Hold::Paused);
         assert!(paused.starts_with("\rverify [############"));
         assert!(paused.ends_with("512.0MiB/1.00GiB paused\x1b[K"));
         assert!(!paused.contains('\n'));
@@ -450,7 +463,7 @@ mod tests {
             rate_bytes_per_s: 0,
             eta_s: Some(0),
         };
-        let bar = progress_bar(WaitOp::Resync, &over, false);
+        let bar = progress_bar(WaitOp::Resync, &over, Hold::Moving);
         assert!(bar.contains(&format!("[{}]", "#".repeat(PROGRESS_BAR_WIDTH_CHARS))));
         assert!(bar.contains("100.00%"));
     }
@@ -459,14 +472,23 @@ mod tests {
     fn progress_line_for_pipes_has_no_control_characters() {
         // Proves the non-tty line: plain text with rate and ETA, or paused.
         assert_eq!(
-            progress_line(WaitOp::Resync, &half_done(), false),
+            progress_line(WaitOp::Resync, &half_done(), Hold::Moving),
             "resync 50.00% 512.0MiB of 1.00GiB at 100.0MiB/s, ETA 0:05"
         );
         assert_eq!(
-            progress_line(WaitOp::Resync, &half_done(), true),
+            progress_line(WaitOp::Resync, &half_done(), Hold::Paused),
             "resync 50.00% 512.0MiB of 1.00GiB, paused (resume-sync continues it)"
         );
-        assert!(!progress_line(WaitOp::Verify, &half_done(), false)
+        assert_eq!(
+            progress_line(WaitOp::Resync, &half_done(), Hold::DiskWait(4)),
+            "resync 50.00% 512.0MiB of 1.00GiB, the disk failed; asking again within 4s \
+             (`replctl resync` now)"
+        );
+        assert!(
+            progress_bar(WaitOp::Resync, &half_done(), Hold::DiskWait(4))
+                .ends_with("512.0MiB/1.00GiB disk failed, next try within 4s\x1b[K")
+        );
+        assert!(!progress_line(WaitOp::Verify, &half_done(), Hold::Moving)
             .chars()
             .any(char::is_control));
     }

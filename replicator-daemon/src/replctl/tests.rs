@@ -647,6 +647,49 @@ async fn resync_wait_without_tty_prints_plain_progress_pause_and_final_line() {
 }
 
 #[tokio::test]
+async fn resync_wait_without_tty_says_when_the_target_waits_for_its_failing_disk() {
+    // Proves --wait on a SyncTarget backing off from its disk says so at
+    // once, again when the wait grows, and goes back to rate and ETA when
+    // the resync moves again.
+    let waiting = |wait_s| {
+        let mut s = syncing(20, ReplicationState::SyncTarget);
+        s.resync_disk_wait_s = Some(wait_s);
+        s
+    };
+    let script = vec![
+        syncing(20, ReplicationState::SyncTarget),
+        waiting(1),
+        waiting(2),
+        syncing(60, ReplicationState::SyncTarget),
+        sample_status(),
+    ];
+    let mut fx = Fixture::start(FakeHandler::scripted(script), 16);
+    let o = run_capture(
+        &socket_args(&fx.path),
+        ControlCommand::Resync { wait: true },
+        false,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_OK, "{}", o.err);
+    let lines: Vec<&str> = o.out.lines().collect();
+    assert_eq!(
+        &lines[1..5],
+        [
+            "resync 20.00% 20.0MiB of 100.0MiB at 10.0MiB/s, ETA 0:08",
+            "resync 20.00% 20.0MiB of 100.0MiB, the disk failed; asking again within 1s \
+             (`replctl resync` now)",
+            "resync 20.00% 20.0MiB of 100.0MiB, the disk failed; asking again within 2s \
+             (`replctl resync` now)",
+            "resync 60.00% 60.0MiB of 100.0MiB at 10.0MiB/s, ETA 0:04",
+        ],
+        "{}",
+        o.out
+    );
+    assert_eq!(lines.len(), 6, "{}", o.out);
+    fx.shutdown().await;
+}
+
+#[tokio::test]
 async fn resync_wait_on_a_tty_redraws_one_bar_then_prints_the_final_line() {
     // Proves the terminal form: bars drawn with \r on one line, a newline
     // before the final line.
@@ -662,7 +705,7 @@ async fn resync_wait_on_a_tty_redraws_one_bar_then_prints_the_final_line() {
     let bar = render::progress_bar(
         WaitOp::Resync,
         &syncing(50, ReplicationState::SyncSource).resync.unwrap(),
-        false,
+        render::Hold::Moving,
     );
     assert_eq!(
         o.out,
