@@ -610,22 +610,18 @@ async fn resync_wait_without_tty_prints_plain_progress_pause_and_final_line() {
     // Proves --wait follows a resync through a pause to the end: plain lines
     // (no control characters), the pause is reported and not treated as an
     // abort, a final line, exit 0.
-    let script = vec![
-        syncing(20, ReplicationState::SyncSource),
-        syncing(40, ReplicationState::PausedSyncS),
-        syncing(40, ReplicationState::PausedSyncS),
-        syncing(70, ReplicationState::SyncSource),
-        sample_status(),
-    ];
-    let mut fx = Fixture::start(FakeHandler::scripted(script), 16);
-    let o = run_capture(
-        &socket_args(&fx.path),
-        ControlCommand::Resync { wait: true },
+    let out = resync_wait(
+        vec![
+            syncing(20, ReplicationState::SyncSource),
+            syncing(40, ReplicationState::PausedSyncS),
+            syncing(40, ReplicationState::PausedSyncS),
+            syncing(70, ReplicationState::SyncSource),
+            sample_status(),
+        ],
         false,
     )
     .await;
-    assert_eq!(o.code, EXIT_OK, "{}", o.err);
-    let lines: Vec<&str> = o.out.lines().collect();
+    let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "resync done");
     assert_eq!(
         lines[1],
@@ -642,8 +638,22 @@ async fn resync_wait_without_tty_prints_plain_progress_pause_and_final_line() {
     );
     assert_eq!(lines[4], "resync done (100.0MiB processed): 0B out of sync");
     assert_eq!(lines.len(), 5);
-    assert!(!o.out.contains('\r'));
+    assert!(!out.contains('\r'));
+}
+
+/// `replctl resync --wait` (on a terminal or not) against a daemon
+/// answering `status` from `script`: what it printed (it must exit 0).
+async fn resync_wait(script: Vec<StatusReport>, tty: bool) -> String {
+    let mut fx = Fixture::start(FakeHandler::scripted(script), 16);
+    let o = run_capture(
+        &socket_args(&fx.path),
+        ControlCommand::Resync { wait: true },
+        tty,
+    )
+    .await;
+    assert_eq!(o.code, EXIT_OK, "{}", o.err);
     fx.shutdown().await;
+    o.out
 }
 
 #[tokio::test]
@@ -656,22 +666,18 @@ async fn resync_wait_without_tty_says_when_the_target_waits_for_its_failing_disk
         s.resync_disk_wait_s = Some(wait_s);
         s
     };
-    let script = vec![
-        syncing(20, ReplicationState::SyncTarget),
-        waiting(1),
-        waiting(2),
-        syncing(60, ReplicationState::SyncTarget),
-        sample_status(),
-    ];
-    let mut fx = Fixture::start(FakeHandler::scripted(script), 16);
-    let o = run_capture(
-        &socket_args(&fx.path),
-        ControlCommand::Resync { wait: true },
+    let out = resync_wait(
+        vec![
+            syncing(20, ReplicationState::SyncTarget),
+            waiting(1),
+            waiting(2),
+            syncing(60, ReplicationState::SyncTarget),
+            sample_status(),
+        ],
         false,
     )
     .await;
-    assert_eq!(o.code, EXIT_OK, "{}", o.err);
-    let lines: Vec<&str> = o.out.lines().collect();
+    let lines: Vec<&str> = out.lines().collect();
     assert_eq!(
         &lines[1..5],
         [
@@ -682,11 +688,9 @@ async fn resync_wait_without_tty_says_when_the_target_waits_for_its_failing_disk
              (`replctl resync` now)",
             "resync 60.00% 60.0MiB of 100.0MiB at 10.0MiB/s, ETA 0:04",
         ],
-        "{}",
-        o.out
+        "{out}"
     );
-    assert_eq!(lines.len(), 6, "{}", o.out);
-    fx.shutdown().await;
+    assert_eq!(lines.len(), 6, "{out}");
 }
 
 #[tokio::test]
@@ -694,24 +698,16 @@ async fn resync_wait_on_a_tty_redraws_one_bar_then_prints_the_final_line() {
     // Proves the terminal form: bars drawn with \r on one line, a newline
     // before the final line.
     let script = vec![syncing(50, ReplicationState::SyncSource), sample_status()];
-    let mut fx = Fixture::start(FakeHandler::scripted(script), 16);
-    let o = run_capture(
-        &socket_args(&fx.path),
-        ControlCommand::Resync { wait: true },
-        true,
-    )
-    .await;
-    assert_eq!(o.code, EXIT_OK, "{}", o.err);
+    let out = resync_wait(script, true).await;
     let bar = render::progress_bar(
         WaitOp::Resync,
         &syncing(50, ReplicationState::SyncSource).resync.unwrap(),
         render::Hold::Moving,
     );
     assert_eq!(
-        o.out,
+        out,
         format!("resync done\n{bar}\nresync done (100.0MiB processed): 0B out of sync\n")
     );
-    fx.shutdown().await;
 }
 
 #[tokio::test]
