@@ -1443,8 +1443,10 @@ fn a_sync_target_whose_disk_fails_waits_longer_before_each_retry() {
     };
     let mut p = Pair::new(ProtocolMode::C);
     disconnect_write_and_link_up(&mut p);
+    // b's disk fails writes where the four ranges are (below 4 MiB).
+    let bad = |offset: u64| offset < 4 << 20;
     let mut ob = Vec::new();
-    p.run_at(Time(0), true, &mut Vec::new(), &mut ob);
+    p.run_at(Time(0), bad, &mut Vec::new(), &mut ob);
     assert_eq!(p.b.status().replication, ReplState::SyncTarget);
     assert_eq!(requests(&ob), 4, "the first try asks for every range");
     assert_eq!(
@@ -1454,36 +1456,44 @@ fn a_sync_target_whose_disk_fails_waits_longer_before_each_retry() {
     );
 
     // Ticks (and pings) until `until`: how many requests b sent meanwhile.
-    let mut now = 0;
-    let mut tick_until = |p: &mut Pair, until: u64| {
+    let tick_until = |p: &mut Pair, now: &mut u64, until: u64| {
         let mut ob = Vec::new();
-        while now < until {
-            now = (now + 100_000_000).min(until);
+        while *now < until {
+            *now = (*now + 100_000_000).min(until);
             for e in [&mut p.a, &mut p.b] {
-                e.handle(Time(now), Input::Tick);
+                e.handle(Time(*now), Input::Tick);
             }
-            p.run_at(Time(now), true, &mut Vec::new(), &mut ob);
+            p.run_at(Time(*now), bad, &mut Vec::new(), &mut ob);
             let next = p.b.next_deadline().expect("b waits for a tick");
-            assert!(next.0 > now, "a deadline in the past would spin the loop");
+            assert!(next.0 > *now, "a deadline in the past would spin the loop");
         }
         requests(&ob)
     };
+    let mut now = 0;
     let first = RESYNC_DISK_RETRY_FIRST_NS;
     let secs = |ns: u64| ns / 1_000_000_000;
     assert_eq!(p.b.status().resync_disk_wait_s, Some(secs(first)));
-    assert_eq!(tick_until(&mut p, first - 1), 0, "no retry before the wait");
-    assert_eq!(tick_until(&mut p, first), 4, "the retry asks again");
+    assert_eq!(
+        tick_until(&mut p, &mut now, first - 1),
+        0,
+        "no retry before the wait"
+    );
+    assert_eq!(
+        tick_until(&mut p, &mut now, first),
+        4,
+        "the retry asks again"
+    );
     assert_eq!(p.b.status().resync_disk_wait_s, Some(secs(2 * first)));
     assert_eq!(
-        tick_until(&mut p, 3 * first - 1),
+        tick_until(&mut p, &mut now, 3 * first - 1),
         0,
         "the second wait is twice as long"
     );
-    assert_eq!(tick_until(&mut p, 3 * first), 4);
+    assert_eq!(tick_until(&mut p, &mut now, 3 * first), 4);
     // Then 4, 8 and 16 s, and 16 s from then on: tries at 7, 15, 31, 47,
     // ... 159 s (uncapped it would be 7, 15, 31, 63 and 127 s).
     assert_eq!(secs(RESYNC_DISK_RETRY_MAX_NS), 16);
-    let capped = tick_until(&mut p, 3 * first + 10 * RESYNC_DISK_RETRY_MAX_NS);
+    let capped = tick_until(&mut p, &mut now, 3 * first + 10 * RESYNC_DISK_RETRY_MAX_NS);
     assert_eq!(
         capped,
         11 * 4,
@@ -1498,9 +1508,30 @@ fn a_sync_target_whose_disk_fails_waits_longer_before_each_retry() {
         "only the target waits"
     );
 
+    // A mirrored write elsewhere reaches b's disk, and a flush makes it
+    // durable: the disk works, so the next failure waits 1 s again.
+    p.a.handle(Time(now), write_req(20, 8 << 20, false));
+    p.a.handle(
+        Time(now),
+        Input::Client {
+            id: ClientId(21),
+            request: ClientRequest::Flush,
+        },
+    );
+    p.run_at(Time(now), bad, &mut Vec::new(), &mut Vec::new());
+    assert_eq!(
+        p.b.status().resync_disk_wait_s,
+        Some(16),
+        "the wait under way goes on"
+    );
+    // The wait under way (from the try at 159 s) ends at 175 s; that try
+    // fails and waits 1 s, not 16.
+    assert_eq!(tick_until(&mut p, &mut now, 175 * first), 4);
+    assert_eq!(p.b.status().resync_disk_wait_s, Some(secs(first)));
+
     // The operator's `resync` retries now; the disk works again.
     p.b.handle(Time(now), Input::Admin(AdminCommand::StartResync));
-    p.run_at(Time(now), false, &mut Vec::new(), &mut Vec::new());
+    p.run_at(Time(now), |_| false, &mut Vec::new(), &mut Vec::new());
     assert_eq!(p.b.status().replication, ReplState::Established);
     assert_eq!(p.b.status().out_of_sync_bytes, 0);
     assert_eq!(p.b.status().resync_disk_wait_s, None);

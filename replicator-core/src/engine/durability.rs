@@ -47,19 +47,31 @@ impl Unflushed {
         self.flushes.insert(op, self.next_seq);
     }
 
-    /// Op `op` finished. None if it was no data flush; else what may be
-    /// lost: nothing when it succeeded (what it covered is durable), every
-    /// uncovered write when it failed.
-    fn flush_done(&mut self, op: OpId, ok: bool) -> Option<Vec<(u64, u64)>> {
+    /// Op `op` finished. None if it was no data flush; else how many
+    /// writes it made durable, or (failed) every uncovered write, which may
+    /// be lost.
+    fn flush_done(&mut self, op: OpId, ok: bool) -> Option<FlushDone> {
         let covers = self.flushes.remove(&op)?;
         if ok {
+            let before = self.ranges.len();
             while self.ranges.front().is_some_and(|&(seq, _, _)| seq < covers) {
                 self.ranges.pop_front();
             }
-            return Some(Vec::new());
+            return Some(FlushDone::Durable(before - self.ranges.len()));
         }
-        Some(self.ranges.drain(..).map(|(_, o, l)| (o, l)).collect())
+        Some(FlushDone::Lost(
+            self.ranges.drain(..).map(|(_, o, l)| (o, l)).collect(),
+        ))
     }
+}
+
+/// What a finished data flush did.
+#[derive(Debug, PartialEq, Eq)]
+enum FlushDone {
+    /// It succeeded, making this many writes durable.
+    Durable(usize),
+    /// It failed: these (offset, len) ranges may be lost.
+    Lost(Vec<(u64, u64)>),
 }
 
 impl Engine {
@@ -83,19 +95,18 @@ impl Engine {
     /// copy to take them from here (the Secondary's may lack others); the
     /// client's flush fails, nothing is marked.
     pub(super) fn data_flush_done(&mut self, op: OpId, ok: bool) {
-        let Some(lost) = self.unflushed.flush_done(op, ok) else {
-            return;
-        };
-        if ok {
-            if let Some(t) = self.target.as_mut().filter(|_| !lost.is_empty()) {
-                // Writes of earlier tries are durable: the disk works again.
-                t.disk_failures = 0;
+        let lost = match self.unflushed.flush_done(op, ok) {
+            None => return,
+            Some(FlushDone::Durable(written)) => {
+                if let Some(t) = self.target.as_mut().filter(|_| written > 0) {
+                    // Writes reached the disk and a flush: it works again.
+                    t.disk_failures = 0;
+                }
+                return;
             }
-            return;
-        }
-        if self.role == NodeRole::Primary {
-            return;
-        }
+            Some(FlushDone::Lost(_)) if self.role == NodeRole::Primary => return,
+            Some(FlushDone::Lost(lost)) => lost,
+        };
         for (offset, len) in lost {
             if let Some(t) = self.target.as_mut() {
                 t.done_bytes = t.done_bytes.saturating_sub(len);
@@ -115,5 +126,28 @@ impl Engine {
             debug_assert_eq!(self.disk, DiskState::Inconsistent);
             self.target_disk_failed();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_covers_the_writes_completed_before_it_was_issued() {
+        let mut u = Unflushed::default();
+        u.wrote(0, 4096);
+        u.wrote(8192, 4096);
+        u.flush_issued(OpId(1));
+        u.wrote(16384, 4096);
+        assert_eq!(u.flush_done(OpId(1), true), Some(FlushDone::Durable(2)));
+        assert_eq!(u.flush_done(OpId(1), true), None, "no longer a flush");
+        u.flush_issued(OpId(2));
+        assert_eq!(
+            u.flush_done(OpId(2), false),
+            Some(FlushDone::Lost(vec![(16384, 4096)]))
+        );
+        u.flush_issued(OpId(3));
+        assert_eq!(u.flush_done(OpId(3), true), Some(FlushDone::Durable(0)));
     }
 }

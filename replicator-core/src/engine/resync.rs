@@ -93,6 +93,13 @@ pub(super) struct TargetState {
     pub disk_retry_at: Option<Time>,
 }
 
+impl TargetState {
+    /// Whether requests wait after a disk failure at `now`.
+    fn waits_for_disk(&self, now: Time) -> bool {
+        self.disk_retry_at.is_some_and(|u| now < u)
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct SourceState {
     pub reads: BTreeMap<u64, ResyncItem>,
@@ -240,7 +247,7 @@ impl Engine {
         if t.finishing {
             return;
         }
-        if t.throttled_until.is_some_and(|u| now < u) || t.disk_retry_at.is_some_and(|u| now < u) {
+        if t.throttled_until.is_some_and(|u| now < u) || t.waits_for_disk(now) {
             return;
         }
         t.throttled_until = None;
@@ -517,7 +524,7 @@ impl Engine {
         let Some(t) = self.target.as_mut() else {
             return;
         };
-        if t.disk_retry_at.is_some_and(|u| now < u) {
+        if t.waits_for_disk(now) {
             // Another failure of the same try (the requests of one window
             // fail together): one step of the wait.
             return;
@@ -528,10 +535,10 @@ impl Engine {
 
     /// The wait a SyncTarget is in after a disk failure, in seconds.
     pub(super) fn resync_disk_wait_s(&self) -> Option<u64> {
-        let t = self.target.as_ref()?;
-        if t.disk_retry_at.is_none_or(|u| self.now >= u) {
-            return None;
-        }
+        let t = self
+            .target
+            .as_ref()
+            .filter(|t| t.waits_for_disk(self.now))?;
         Some(resync_disk_wait_ns(t.disk_failures) / 1_000_000_000)
     }
 

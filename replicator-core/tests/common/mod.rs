@@ -177,15 +177,15 @@ impl Pair {
 
     /// Shuttle frames and complete every disk op; collect other outputs.
     pub fn run(&mut self, a_out: &mut Vec<Output>, b_out: &mut Vec<Output>) {
-        self.run_at(Time(0), false, a_out, b_out);
+        self.run_at(Time(0), |_| false, a_out, b_out);
     }
 
-    /// Like [`Pair::run`], at engine time `now`; with `b_writes_fail`,
-    /// every data write of b fails with EIO.
+    /// Like [`Pair::run`], at engine time `now`; each data write of b at an
+    /// offset for which `b_write_fails` holds fails with EIO.
     pub fn run_at(
         &mut self,
         now: Time,
-        b_writes_fail: bool,
+        b_write_fails: impl Fn(u64) -> bool,
         a_out: &mut Vec<Output>,
         b_out: &mut Vec<Output>,
     ) {
@@ -208,7 +208,9 @@ impl Pair {
                         Output::Send(m) => other.handle(now, Input::PeerFrame(m)),
                         Output::Disk { op, kind } => {
                             let result = match kind {
-                                DiskOp::Write { .. } if me == 1 && b_writes_fail => {
+                                DiskOp::Write { offset, .. }
+                                    if me == 1 && b_write_fails(offset) =>
+                                {
                                     Err(DiskError { code: 5 })
                                 }
                                 DiskOp::Read { len_bytes, .. } => {
