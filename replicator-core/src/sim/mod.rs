@@ -1648,7 +1648,8 @@ impl World {
 fn plan(w: &mut World, rng: &mut SplitMix64, start: u64) {
     let t = |frac_per_mille: u64| start + w.cfg.safety_ns * frac_per_mille / 1000;
     let mut s: Vec<(u64, Action)> = Vec::new();
-    match w.cfg.scenario {
+    let scenario = w.cfg.scenario;
+    match scenario {
         Scenario::PrimaryCrashMidWrite => {
             s.push((t(500), Action::Crash(0)));
             s.push((t(800), Action::Restart(0)));
@@ -1706,33 +1707,26 @@ fn plan(w: &mut World, rng: &mut SplitMix64, start: u64) {
             s.push((t(401), Action::CrashTearingSuperblock(1)));
             s.push((t(600), Action::Restart(1)));
         }
-        Scenario::SecondaryDiskFails => {
-            s.push((t(100), Action::FailDisk(1, Some(DiskFault::DataWrites))));
+        Scenario::SecondaryDiskFails | Scenario::SecondaryFlushFails => {
+            let fault = if scenario == Scenario::SecondaryDiskFails {
+                DiskFault::DataWrites
+            } else {
+                DiskFault::Flushes
+            };
+            s.push((t(100), Action::FailDisk(1, Some(fault))));
             s.push((t(300), Action::Crash(0)));
             s.push((t(400), Action::FailDisk(1, None)));
             s.push((t(500), Action::Restart(0)));
         }
-        Scenario::SecondaryFlushFails => {
-            s.push((t(100), Action::FailDisk(1, Some(DiskFault::Flushes))));
-            s.push((t(300), Action::Crash(0)));
-            s.push((t(400), Action::FailDisk(1, None)));
-            s.push((t(500), Action::Restart(0)));
-        }
-        Scenario::SecondaryMetaFails => {
-            s.push((t(100), Action::FailDisk(1, Some(DiskFault::MetaWrites))));
-            // Had it gone on after a failed metadata write, a crash would
-            // find its activity log and bitmap behind its data.
-            s.push((t(200), Action::Crash(1)));
-            s.push((t(400), Action::FailDisk(1, None)));
-            s.push((t(450), Action::Restart(1)));
-        }
-        Scenario::PrimaryMetaFails => {
-            s.push((t(100), Action::FailDisk(0, Some(DiskFault::MetaWrites))));
-            // Had it gone on after a failed metadata write, its activity
-            // log would not name the extents of the writes in flight here.
-            s.push((t(200), Action::Crash(0)));
-            s.push((t(400), Action::FailDisk(0, None)));
-            s.push((t(450), Action::Restart(0)));
+        Scenario::SecondaryMetaFails | Scenario::PrimaryMetaFails => {
+            // Had the node gone on after a failed metadata write, a crash
+            // would find its activity log and bitmap behind its data (the
+            // Primary's log would not name the extents of writes in flight).
+            let n = usize::from(scenario == Scenario::SecondaryMetaFails);
+            s.push((t(100), Action::FailDisk(n, Some(DiskFault::MetaWrites))));
+            s.push((t(200), Action::Crash(n)));
+            s.push((t(400), Action::FailDisk(n, None)));
+            s.push((t(450), Action::Restart(n)));
         }
         Scenario::SyncTargetFlushFails => {
             s.push((t(100), Action::Partition));
