@@ -141,12 +141,7 @@ pub struct Node {
 impl Node {
     /// `replctl --config C --node N ARGS…`, whatever its exit status.
     pub fn replctl(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(program("replctl"));
-        cmd.arg("--config")
-            .arg(&self.config)
-            .args(["--node", self.name])
-            .args(args);
-        run_within(&mut cmd, REPLCTL_TIMEOUT)
+        self.replctl_within(args, REPLCTL_TIMEOUT)
     }
 
     /// Like [`Node::replctl`] with a longer limit (for `--wait`).
@@ -162,7 +157,12 @@ impl Node {
     /// Runs `replctl ARGS…` and panics with its output and the daemon's log
     /// unless it exits 0; returns stdout.
     pub fn replctl_ok(&self, args: &[&str]) -> String {
-        let out = self.replctl(args);
+        self.replctl_ok_within(args, REPLCTL_TIMEOUT)
+    }
+
+    /// Like [`Node::replctl_ok`] with a longer limit (for `--wait`).
+    pub fn replctl_ok_within(&self, args: &[&str], limit: Duration) -> String {
+        let out = self.replctl_within(args, limit);
         assert!(
             out.status.success(),
             "replctl {args:?} on {} failed with {}\nstdout:\n{}\nstderr:\n{}\n{}",

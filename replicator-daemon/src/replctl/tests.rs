@@ -833,11 +833,10 @@ fn wait_tracker_treats_a_not_yet_started_resync_as_starting_until_the_deadline()
     // resync was seen, Established means done.
     let mut pending = sample_status();
     pending.out_of_sync_bytes = 4096;
-    let mut tracker = WaitTracker::new(WaitOp::Resync);
-    assert_eq!(tracker.observe(&pending, 0), WaitState::Running(None));
-    assert_eq!(
-        tracker.observe(&pending, WAIT_START_TIMEOUT_MS),
-        WaitState::Aborted("resync did not start within 10 s; 4.0KiB remain out of sync".into())
+    assert_never_starts(
+        WaitOp::Resync,
+        &pending,
+        "resync did not start within 10 s; 4.0KiB remain out of sync",
     );
     let mut tracker = WaitTracker::new(WaitOp::Resync);
     let running = syncing(50, ReplicationState::SyncSource);
@@ -852,13 +851,21 @@ fn wait_tracker_treats_a_not_yet_started_resync_as_starting_until_the_deadline()
     // marked them) but is Inconsistent: its resync is yet to start too.
     let mut failed = sample_status();
     failed.disk = DiskState::Inconsistent;
-    let mut tracker = WaitTracker::new(WaitOp::Resync);
-    assert_eq!(tracker.observe(&failed, 0), WaitState::Running(None));
+    assert_never_starts(
+        WaitOp::Resync,
+        &failed,
+        "resync did not start within 10 s; the disk is still Inconsistent",
+    );
+}
+
+/// A `--wait` for `op` that sees only `status`: still starting at first,
+/// aborted with `why` at the start deadline.
+fn assert_never_starts(op: WaitOp, status: &StatusReport, why: &str) {
+    let mut tracker = WaitTracker::new(op);
+    assert_eq!(tracker.observe(status, 0), WaitState::Running(None));
     assert_eq!(
-        tracker.observe(&failed, WAIT_START_TIMEOUT_MS),
-        WaitState::Aborted(
-            "resync did not start within 10 s; the disk is still Inconsistent".into()
-        )
+        tracker.observe(status, WAIT_START_TIMEOUT_MS),
+        WaitState::Aborted(why.into())
     );
 }
 
@@ -870,13 +877,10 @@ fn wait_tracker_waits_for_the_link_before_the_start_but_not_after() {
     let mut connecting = sample_status();
     connecting.connection = ConnectionState::Connecting;
     connecting.replication = ReplicationState::Off;
-    let mut tracker = WaitTracker::new(WaitOp::Verify);
-    assert_eq!(tracker.observe(&connecting, 0), WaitState::Running(None));
-    assert_eq!(
-        tracker.observe(&connecting, WAIT_START_TIMEOUT_MS),
-        WaitState::Aborted(
-            "verify did not start within 10 s; the link to bravo is Connecting".into()
-        )
+    assert_never_starts(
+        WaitOp::Verify,
+        &connecting,
+        "verify did not start within 10 s; the link to bravo is Connecting",
     );
     let mut tracker = WaitTracker::new(WaitOp::Resync);
     let running = syncing(50, ReplicationState::SyncSource);
