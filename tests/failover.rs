@@ -778,6 +778,14 @@ fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
         status["resync_disk_wait_s"].as_u64() >= Some(1),
         "status says the resync waits for the disk: {status}"
     );
+    // Alpha, the SyncSource, counts the MiB as out of sync too: it clears
+    // a range when bravo wrote it, and marks again what bravo's failed
+    // flush lost (it used to clear on sending and show the resync as
+    // nearly done).
+    c.alpha()
+        .wait_status("the source still counts the lost MiB", STATE_TIMEOUT, |s| {
+            s["replication"] == "SyncSource" && s["out_of_sync_bytes"].as_u64() >= Some(MIB)
+        });
     // Once the disk is sound, the operator's `resync` retries at once.
     flaky.failing(false);
     c.bravo()

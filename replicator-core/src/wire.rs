@@ -53,7 +53,7 @@ use crate::types::{DiskState, GenerationUuids, NodeRole, ProtocolMode, RequestId
 
 /// Version of the frame layout and of every message format below. Bump it on
 /// any change; the golden-byte tests pin the formats of this version.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 
 /// First four bytes of every frame: "RPLW".
 pub const WIRE_MAGIC: u32 = 0x5250_4C57;
@@ -327,6 +327,16 @@ pub enum Message {
         /// Length in bytes.
         len_bytes: u32,
     },
+    /// The sync target wrote the `ResyncData` of request `id` to its disk
+    /// (`error` 0), or failed to (the source keeps the range out of sync
+    /// and the target asks again). The source clears the range's bits only
+    /// on success, so its out-of-sync count and progress are the target's.
+    ResyncAck {
+        /// The request's id.
+        id: RequestId,
+        /// 0 on success, else an errno-like code from the target's disk.
+        error: u16,
+    },
     /// The resync completed from the sender's side.
     ResyncDone,
     /// Online verify: asks the peer for the digest of a range.
@@ -468,6 +478,7 @@ mod code {
     pub const PING_ACK: u16 = 24;
     pub const DISCONNECT: u16 = 25;
     pub const BITMAP_ACK: u16 = 26;
+    pub const RESYNC_ACK: u16 = 27;
 }
 
 impl Message {
@@ -493,6 +504,7 @@ impl Message {
             Message::ResyncChecksumRequest { .. } => code::RESYNC_CHECKSUM_REQUEST,
             Message::ResyncData { .. } => code::RESYNC_DATA,
             Message::ResyncInSync { .. } => code::RESYNC_IN_SYNC,
+            Message::ResyncAck { .. } => code::RESYNC_ACK,
             Message::ResyncDone => code::RESYNC_DONE,
             Message::VerifyRequest { .. } => code::VERIFY_REQUEST,
             Message::VerifyReply { .. } => code::VERIFY_REPLY,
@@ -530,6 +542,7 @@ fn type_name(code: u16) -> Option<&'static str> {
         code::RESYNC_CHECKSUM_REQUEST => "ResyncChecksumRequest",
         code::RESYNC_DATA => "ResyncData",
         code::RESYNC_IN_SYNC => "ResyncInSync",
+        code::RESYNC_ACK => "ResyncAck",
         code::RESYNC_DONE => "ResyncDone",
         code::VERIFY_REQUEST => "VerifyRequest",
         code::VERIFY_REPLY => "VerifyReply",
@@ -702,6 +715,7 @@ pub fn validate(m: &Message) -> Result<(), WireError> {
         | Message::BitmapAck { .. }
         | Message::RecvAck { .. }
         | Message::WriteAck { .. }
+        | Message::ResyncAck { .. }
         | Message::Barrier { .. }
         | Message::BarrierAck { .. }
         | Message::ResyncDone
@@ -824,7 +838,9 @@ pub fn encode_parts(
             tail = Some(data);
         }
         Message::RecvAck { id } | Message::Barrier { id } => dst.put_u64(id.0),
-        Message::WriteAck { id, error } | Message::BarrierAck { id, error } => {
+        Message::WriteAck { id, error }
+        | Message::BarrierAck { id, error }
+        | Message::ResyncAck { id, error } => {
             dst.put_u64(id.0);
             dst.put_u16(*error);
         }
@@ -1409,6 +1425,10 @@ fn parse(msg_type: u16, r: &mut Reader) -> Result<Message, WireError> {
             id: RequestId(r.u64()?),
             error: r.u16()?,
         },
+        code::RESYNC_ACK => Message::ResyncAck {
+            id: RequestId(r.u64()?),
+            error: r.u16()?,
+        },
         code::OUT_OF_SYNC => Message::OutOfSync {
             offset: r.u64()?,
             len_bytes: r.u32()?,
@@ -1470,7 +1490,7 @@ mod tests {
     fn frame_seq(msg_type: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
         let mut f = Vec::new();
         f.extend_from_slice(&0x5250_4C57u32.to_be_bytes());
-        f.extend_from_slice(&2u16.to_be_bytes());
+        f.extend_from_slice(&3u16.to_be_bytes());
         f.extend_from_slice(&msg_type.to_be_bytes());
         f.extend_from_slice(&seq.to_be_bytes());
         f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -1500,7 +1520,7 @@ mod tests {
         decode(&mut b)
     }
 
-    /// Every variant once, with the hand-written payload of WIRE_VERSION 2.
+    /// Every variant once, with the hand-written payload of WIRE_VERSION 3.
     fn golden() -> Vec<(Message, u16, Vec<u8>)> {
         let uuids = GenerationUuids {
             current: 0x1111,
@@ -1510,7 +1530,7 @@ mod tests {
         vec![
             (
                 Message::Hello {
-                    wire_version: 2,
+                    wire_version: 3,
                     resource: "vm1".into(),
                     node: "alpha".into(),
                     size_bytes: 1 << 30,
@@ -1519,7 +1539,7 @@ mod tests {
                     features: 0,
                 },
                 1,
-                hex("0002 0000000040000000 00001000 02 0000000000000000 0003 766d31 0005 616c706861"),
+                hex("0003 0000000040000000 00001000 02 0000000000000000 0003 766d31 0005 616c706861"),
             ),
             (
                 Message::AuthChallenge { nonce: [0xab; 32] },
@@ -1690,17 +1710,25 @@ mod tests {
                 26,
                 hex("0000000000000020"),
             ),
+            (
+                Message::ResyncAck {
+                    id: RequestId(27),
+                    error: 28,
+                },
+                27,
+                hex("000000000000001b 001c"),
+            ),
         ]
     }
 
     #[test]
-    fn golden_bytes_pin_every_message_of_wire_version_2() {
+    fn golden_bytes_pin_every_message_of_wire_version_3() {
         // Proves each message encodes to exactly the documented bytes of
-        // WIRE_VERSION 2 and decodes back; a format change without a version
+        // WIRE_VERSION 3 and decodes back; a format change without a version
         // bump fails here.
-        assert_eq!(WIRE_VERSION, 2, "update the golden bytes with the version");
+        assert_eq!(WIRE_VERSION, 3, "update the golden bytes with the version");
         let cases = golden();
-        assert_eq!(cases.len(), 26, "one golden case per variant");
+        assert_eq!(cases.len(), 27, "one golden case per variant");
         for (msg, msg_type, payload) in cases {
             let expected = frame(msg_type, &payload);
             assert_eq!(enc(&msg), expected, "{}", msg.name());
@@ -1711,16 +1739,16 @@ mod tests {
     #[test]
     fn header_of_a_ping_is_pinned_byte_for_byte() {
         // Pins the header layout itself, including both CRCs, against literal bytes
-        // (header CRC computed independently: Python zlib.crc32 of bytes 0..16).
+        // (header CRC computed independently: Python zlib.crc32 of bytes 0..20).
         assert_eq!(
             enc(&Message::Ping),
-            hex("52504c57 0002 0017 00000000 00000000 00000000 e36ca9ab")
+            hex("52504c57 0003 0017 00000000 00000000 00000000 5a977243")
         );
         let mut b = BytesMut::new();
         encode_with_seq(&Message::Ping, 7, &mut b).expect("ping encodes");
         assert_eq!(
             &b[..],
-            &hex("52504c57 0002 0017 00000007 00000000 00000000 870dc462")[..]
+            &hex("52504c57 0003 0017 00000007 00000000 00000000 3ef61f8a")[..]
         );
     }
 
@@ -1849,14 +1877,15 @@ mod tests {
         bad[0] = b'X';
         assert!(matches!(dec_all(&bad), Err(WireError::BadMagic { .. })));
 
-        let v1 = {
+        // The previous version (no ResyncAck) is refused, not half-understood.
+        let v2 = {
             let mut f = frame(23, &[]);
-            f[5] = 1;
+            f[5] = 2;
             let c = crc32fast::hash(&f[..20]);
             f[20..24].copy_from_slice(&c.to_be_bytes());
             f
         };
-        assert_eq!(dec_all(&v1), Err(WireError::VersionMismatch { found: 1 }));
+        assert_eq!(dec_all(&v2), Err(WireError::VersionMismatch { found: 2 }));
 
         assert_eq!(
             dec_all(&frame(99, &[])),
@@ -2090,6 +2119,7 @@ mod tests {
             (id.clone(), any::<u16>()).prop_map(|(id, error)| Message::WriteAck { id, error }),
             id.clone().prop_map(|id| Message::Barrier { id }),
             (id.clone(), any::<u16>()).prop_map(|(id, error)| Message::BarrierAck { id, error }),
+            (id.clone(), any::<u16>()).prop_map(|(id, error)| Message::ResyncAck { id, error }),
             (0u64..1 << 50, 1u32..)
                 .prop_map(|(offset, len_bytes)| Message::OutOfSync { offset, len_bytes }),
             (id.clone(), arb_range()).prop_map(|(id, (offset, len_bytes))| {

@@ -1444,7 +1444,7 @@ fn a_sync_target_whose_disk_fails_waits_longer_before_each_retry() {
     let mut p = Pair::new(ProtocolMode::C);
     disconnect_write_and_link_up(&mut p);
     // b's disk fails writes where the four ranges are (below 4 MiB).
-    let bad = |offset: u64| offset < 4 << 20;
+    let bad = |op: &DiskOp| matches!(op, DiskOp::Write { offset, .. } if *offset < 4 << 20);
     let mut ob = Vec::new();
     p.run_at(Time(0), bad, &mut Vec::new(), &mut ob);
     assert_eq!(p.b.status().replication, ReplState::SyncTarget);
@@ -1536,4 +1536,89 @@ fn a_sync_target_whose_disk_fails_waits_longer_before_each_retry() {
     assert_eq!(p.b.status().out_of_sync_bytes, 0);
     assert_eq!(p.b.status().resync_disk_wait_s, None);
     assert_eq!(p.b.disk_state(), DiskState::UpToDate);
+}
+
+#[test]
+fn a_sync_source_counts_a_range_synced_only_once_the_target_wrote_it() {
+    // As DRBD clears on its resync write ack: the SyncSource clears a
+    // range's bits when the target says it wrote the data (ResyncAck), not
+    // when it sends it, and marks again what the target's failed flush
+    // lost (OutOfSync). So the Primary's out-of-sync figure and progress
+    // are the target's, even while the target's disk fails.
+    let count =
+        |outs: &[Output], f: fn(&Message) -> bool| sent(outs).iter().filter(|m| f(m)).count();
+    let mut p = Pair::new(ProtocolMode::C);
+    disconnect_write_and_link_up(&mut p);
+    let writes_fail = |op: &DiskOp| matches!(op, DiskOp::Write { offset, .. } if *offset < 4 << 20);
+    let (mut oa, mut ob) = (Vec::new(), Vec::new());
+    p.run_at(Time(0), writes_fail, &mut oa, &mut ob);
+    assert_eq!(p.a.status().replication, ReplState::SyncSource);
+    assert_eq!(count(&oa, |m| matches!(m, Message::ResyncData { .. })), 4);
+    assert_eq!(
+        count(&ob, |m| matches!(m, Message::ResyncAck { error: 5, .. })),
+        4,
+        "each failed write is acknowledged as failed"
+    );
+    assert_eq!(
+        p.a.status().out_of_sync_bytes,
+        16384,
+        "sent but not written: still out of sync on the source"
+    );
+    assert_eq!(p.a.status().resync.map(|r| r.done_bytes), Some(0));
+
+    // The writes land now, but the flush that ends the resync fails: the
+    // target marks the four ranges again, and so does the source.
+    p.b.handle(Time(0), Input::Admin(AdminCommand::StartResync));
+    let (mut oa, mut ob) = (Vec::new(), Vec::new());
+    p.run_at(Time(0), |op| *op == DiskOp::Flush, &mut oa, &mut ob);
+    assert_eq!(
+        count(&ob, |m| matches!(m, Message::ResyncAck { error: 0, .. })),
+        4
+    );
+    assert_eq!(
+        count(&ob, |m| matches!(m, Message::OutOfSync { .. })),
+        4,
+        "the failed flush's losses are told to the source"
+    );
+    assert_eq!(p.b.status().out_of_sync_bytes, 16384);
+    assert_eq!(p.a.status().out_of_sync_bytes, 16384);
+    assert_eq!(p.a.status().replication, ReplState::SyncSource);
+    assert_eq!(p.a.status().resync.map(|r| r.done_bytes), Some(0));
+
+    // A sound disk: both end at zero, Established.
+    p.b.handle(Time(0), Input::Admin(AdminCommand::StartResync));
+    p.run(&mut Vec::new(), &mut Vec::new());
+    for e in [&p.a, &p.b] {
+        assert_eq!(e.status().replication, ReplState::Established);
+        assert_eq!(e.status().out_of_sync_bytes, 0);
+    }
+    assert_eq!(p.b.disk_state(), DiskState::UpToDate);
+}
+
+#[test]
+fn a_resync_ack_the_source_did_not_expect_drops_the_link() {
+    // Invariant 7: a ResyncAck while not SyncSource, or for data never
+    // sent, is a protocol error, never a clear of the source's bits.
+    let closes = |e: &mut Engine| {
+        e.handle(
+            Time(0),
+            Input::PeerFrame(Message::ResyncAck {
+                id: RequestId(999),
+                error: 0,
+            }),
+        );
+        drain(e)
+            .iter()
+            .any(|o| matches!(o, Output::CloseLink { .. }))
+    };
+    let mut p = Pair::new(ProtocolMode::C);
+    assert!(closes(&mut p.a), "not SyncSource");
+
+    let mut p = Pair::new(ProtocolMode::C);
+    disconnect_write_and_link_up(&mut p);
+    let writes_fail = |op: &DiskOp| matches!(op, DiskOp::Write { .. });
+    p.run_at(Time(0), writes_fail, &mut Vec::new(), &mut Vec::new());
+    assert_eq!(p.a.status().replication, ReplState::SyncSource);
+    assert!(closes(&mut p.a), "SyncSource, unknown request");
+    assert_eq!(p.a.status().out_of_sync_bytes, 16384);
 }

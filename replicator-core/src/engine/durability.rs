@@ -107,7 +107,13 @@ impl Engine {
             Some(FlushDone::Lost(_)) if self.role == NodeRole::Primary => return,
             Some(FlushDone::Lost(lost)) => lost,
         };
+        let tell_source = self.replicating && self.target.as_ref().is_some_and(|t| t.linked);
         for (offset, len) in lost {
+            if tell_source {
+                // The source cleared these on their acks (or never marked
+                // the mirrored writes): it marks them again.
+                self.send_out_of_sync(offset, len);
+            }
             if let Some(t) = self.target.as_mut() {
                 t.done_bytes = t.done_bytes.saturating_sub(len);
                 let end = offset + len;

@@ -293,7 +293,9 @@ impl Engine {
                     return self.protocol_error("OutOfSync outside the device".to_string());
                 }
                 self.mark_oos(offset, u64::from(len_bytes));
+                self.source_range_lost(u64::from(len_bytes));
             }
+            Message::ResyncAck { id, error } => self.on_resync_ack(id, error),
             Message::ResyncRequest {
                 id,
                 offset,

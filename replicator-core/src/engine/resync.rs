@@ -91,6 +91,10 @@ pub(super) struct TargetState {
     pub disk_failures: u32,
     /// After a disk failure: no requests before this time.
     pub disk_retry_at: Option<Time>,
+    /// The link this resync runs on is still up: written data is
+    /// acknowledged to the source (a write that completes after the link
+    /// dropped belongs to a connection that no longer exists).
+    pub linked: bool,
 }
 
 impl TargetState {
@@ -103,6 +107,10 @@ impl TargetState {
 #[derive(Debug, Default)]
 pub(super) struct SourceState {
     pub reads: BTreeMap<u64, ResyncItem>,
+    /// Resync data sent and not yet acknowledged by the target: request id
+    /// -> (offset, len). The range's bits stay set until the target says it
+    /// wrote it (`ResyncAck`), as DRBD clears on its resync write ack.
+    pub unacked: BTreeMap<RequestId, (u64, u64)>,
     pub total_bytes: u64,
     pub done_bytes: u64,
 }
@@ -209,6 +217,7 @@ impl Engine {
             stale: BTreeSet::new(),
             disk_failures: 0,
             disk_retry_at: None,
+            linked: true,
         });
         self.set_repl(ReplState::SyncTarget);
         self.update_paused();
@@ -219,6 +228,7 @@ impl Engine {
         let total = self.bitmap.out_of_sync_bytes();
         self.source = Some(SourceState {
             reads: BTreeMap::new(),
+            unacked: BTreeMap::new(),
             total_bytes: total,
             done_bytes: 0,
         });
@@ -365,7 +375,12 @@ impl Engine {
         if !self.range_ok(offset, len) || len > RESYNC_REQUEST_MAX_BYTES {
             return self.protocol_error(format!("ResyncRequest {id} for bad range {offset}+{len}"));
         }
-        if src.reads.len() >= RESYNC_MAX_INFLIGHT_REQUESTS {
+        // The target's window counts its requests and the data it has not
+        // written yet; an ack on its way may still be counted here, as may
+        // acks it holds back behind a superblock write, hence twice.
+        if src.reads.len() >= RESYNC_MAX_INFLIGHT_REQUESTS
+            || src.reads.len() + src.unacked.len() >= 2 * RESYNC_MAX_INFLIGHT_REQUESTS
+        {
             return self.protocol_error("peer exceeded the resync window".to_string());
         }
         let k = self.peer.next_key;
@@ -399,25 +414,55 @@ impl Engine {
                 item.offset
             ));
         };
-        src.done_bytes += item.len;
         if !self.replicating {
             return;
         }
         match item.digest {
-            Some(d) if d == digest(&data) => self.send(Message::ResyncInSync {
-                id: item.id,
-                offset: item.offset,
-                len_bytes: item.len as u32,
-            }),
-            _ => self.send(Message::ResyncData {
-                id: item.id,
-                offset: item.offset,
-                data,
-            }),
+            Some(d) if d == digest(&data) => {
+                // Nothing to write: the copies match now.
+                src.done_bytes += item.len;
+                self.send(Message::ResyncInSync {
+                    id: item.id,
+                    offset: item.offset,
+                    len_bytes: item.len as u32,
+                });
+                let _ = self.bitmap.clear_range(item.offset, item.len);
+            }
+            _ => {
+                // The bits stay until the target acknowledges its write.
+                src.unacked.insert(item.id, (item.offset, item.len));
+                self.send(Message::ResyncData {
+                    id: item.id,
+                    offset: item.offset,
+                    data,
+                });
+            }
         }
-        // The target holds the bits until its write lands; the merge on the
-        // next handshake restores them if the link drops.
-        let _ = self.bitmap.clear_range(item.offset, item.len);
+    }
+
+    /// The target wrote (or failed to write) the data of request `id`.
+    pub(super) fn on_resync_ack(&mut self, id: RequestId, error: u16) {
+        let Some(src) = self.source.as_mut() else {
+            return self.protocol_error(format!("ResyncAck {id} while not SyncSource"));
+        };
+        let Some((offset, len)) = src.unacked.remove(&id) else {
+            return self.protocol_error(format!("ResyncAck for unknown {id}"));
+        };
+        if error == 0 {
+            src.done_bytes += len;
+            let _ = self.bitmap.clear_range(offset, len);
+        }
+        // On an error the range stays marked: the target asks for it again
+        // after its disk wait.
+    }
+
+    /// The target lost written data (resync or mirrored writes) to a failed
+    /// flush and marked it again (`OutOfSync`): the source's progress goes
+    /// back by as much.
+    pub(super) fn source_range_lost(&mut self, len: u64) {
+        if let Some(src) = self.source.as_mut() {
+            src.done_bytes = src.done_bytes.saturating_sub(len);
+        }
     }
 
     /// Checksum-based resync: the local copy was read; ask the source for
@@ -507,12 +552,21 @@ impl Engine {
         let Some(item) = t.writes.remove(&k) else {
             return;
         };
+        let ack = t.linked && self.replicating;
         if ok {
             t.done_bytes += item.len;
             let _ = self.bitmap.clear_range(item.offset, item.len);
             self.wrote_unflushed(item.offset, item.len);
         } else {
             self.target_disk_failed();
+        }
+        if ack {
+            // With the other acks, in order: a later failure's mark must
+            // reach the source after this clear, never before it.
+            self.send_peer_ack(Message::ResyncAck {
+                id: item.id,
+                error: if ok { 0 } else { 5 },
+            });
         }
     }
 
@@ -590,6 +644,10 @@ impl Engine {
                 return self
                     .protocol_error("ResyncDone with resync requests outstanding".to_string())
             }
+            Some(s) if !s.unacked.is_empty() => {
+                return self
+                    .protocol_error("ResyncDone with resync data unacknowledged".to_string())
+            }
             Some(_) => {}
         }
         self.source = None;
@@ -627,6 +685,11 @@ impl Engine {
             t.inflight.clear();
             t.stale.clear();
             t.finishing = false;
+            t.linked = false;
+        }
+        if let Some(s) = self.source.as_mut() {
+            // Their bits stay set: the next handshake resyncs them.
+            s.unacked.clear();
         }
         let queued_writes: Vec<u64> = self
             .data_queue

@@ -721,12 +721,28 @@ impl Engine {
         self.pump_barriers();
     }
 
-    /// Send a WriteAck or BarrierAck, or queue it behind the acks held
-    /// until the Inconsistent superblock is durable.
-    fn send_peer_ack(&mut self, m: Message) {
+    /// Send an ack (WriteAck, BarrierAck, ResyncAck) or an OutOfSync, or
+    /// queue it behind the acks held until the Inconsistent superblock is
+    /// durable.
+    pub(super) fn send_peer_ack(&mut self, m: Message) {
         match &mut self.peer.held_acks {
             Some((_, held)) => held.push(m),
             None => self.send(m),
+        }
+    }
+
+    /// Tell the peer that `offset..offset + len` is out of sync here, in
+    /// order with the acks (a frame carries at most `u32::MAX` bytes).
+    pub(super) fn send_out_of_sync(&mut self, offset: u64, len: u64) {
+        const MAX: u64 = 1 << 30;
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(MAX);
+            self.send_peer_ack(Message::OutOfSync {
+                offset: at,
+                len_bytes: n as u32,
+            });
+            at += n;
         }
     }
 

@@ -180,12 +180,12 @@ impl Pair {
         self.run_at(Time(0), |_| false, a_out, b_out);
     }
 
-    /// Like [`Pair::run`], at engine time `now`; each data write of b at an
-    /// offset for which `b_write_fails` holds fails with EIO.
+    /// Like [`Pair::run`], at engine time `now`; each data write or flush
+    /// of b for which `b_fails` holds fails with EIO.
     pub fn run_at(
         &mut self,
         now: Time,
-        b_write_fails: impl Fn(u64) -> bool,
+        b_fails: impl Fn(&DiskOp) -> bool,
         a_out: &mut Vec<Output>,
         b_out: &mut Vec<Output>,
     ) {
@@ -208,8 +208,8 @@ impl Pair {
                         Output::Send(m) => other.handle(now, Input::PeerFrame(m)),
                         Output::Disk { op, kind } => {
                             let result = match kind {
-                                DiskOp::Write { offset, .. }
-                                    if me == 1 && b_write_fails(offset) =>
+                                DiskOp::Write { .. } | DiskOp::Flush
+                                    if me == 1 && b_fails(&kind) =>
                                 {
                                     Err(DiskError { code: 5 })
                                 }
