@@ -551,6 +551,8 @@ enum Flaw {
     LosesWrites,
     /// Writes fail with EIO.
     FailsWrites,
+    /// Reads fail with EIO.
+    FailsReads,
 }
 
 /// A file that fails on demand: nbdkit's eval plugin over a backing file,
@@ -594,6 +596,11 @@ impl FlakyDisk {
         // error reaches the next fsync).
         let lost = dir.join(format!("{name}-lost"));
         let l = lost.display();
+        let mut pread =
+            format!("dd if={b} bs=64k iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none");
+        if flaw == Flaw::FailsReads {
+            pread = format!("if [ -e {t} ]; then {eio}; fi; {pread}");
+        }
         let (pwrite, flush) = match flaw {
             Flaw::LosesWrites => (
                 format!("if [ -e {t} ]; then touch {l}; cat >/dev/null; exit 0; fi; {write}"),
@@ -603,14 +610,13 @@ impl FlakyDisk {
                 format!("if [ -e {t} ]; then cat >/dev/null; {eio}; fi; {write}"),
                 "exit 0".to_string(),
             ),
+            Flaw::FailsReads => (write, "exit 0".to_string()),
         };
         let fuse = Command::new("nbdfuse")
             .arg(&file)
             .args(["[", "nbdkit", "eval"])
             .arg(format!("get_size=stat -c %s {b}"))
-            .arg(format!(
-                "pread=dd if={b} bs=64k iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none"
-            ))
+            .arg(format!("pread={pread}"))
             .arg(format!("pwrite={pwrite}"))
             .arg(format!("flush={flush}"))
             .args(["can_write=exit 0", "can_flush=exit 0", "]"])
@@ -795,6 +801,68 @@ fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
     assert!(
         flaky.medium(2 * MIB, MIB as usize) == vec![0x3c; MIB as usize],
         "the resync did not restore the writes bravo's failed flush lost"
+    );
+    c.assert_replicas_identical();
+    drop(c);
+    drop(flaky);
+}
+
+#[test]
+fn a_sync_source_whose_reads_fail_keeps_the_link_while_the_target_waits() {
+    // As DRBD's negative resync reply: alpha, the SyncSource, cannot read
+    // its disk and answers bravo's requests with ResyncReadFailed. Bravo
+    // keeps the blocks marked and asks again after 1 s, 2 s, ...; its
+    // status says the peer's disk failed; the link stays up. (Before,
+    // alpha dropped the link at the failed read and reconnected at once,
+    // over and over.) Once alpha reads again, the resync ends.
+    let c = Cluster::prepare(ClusterSpec {
+        disk_bytes: 16 * MIB,
+        ..ClusterSpec::default()
+    });
+    let flaky = FlakyDisk::start(c.dir(), "flaky", 16 * MIB, None, Flaw::FailsReads);
+    // Its metadata is in a file of its own, made for a disk of this size.
+    flaky.replace(&c.nodes[0].disk);
+    let mut c = c.started();
+    c.nodes[1].stop();
+    let out = common::cluster::qemu_io(&c.alpha().uri(), &["write -P 0x6b 0 1M", "flush"]);
+    assert!(!out.contains("error"), "{out}");
+    // A restart drops the FUSE file's page cache, so the resync's reads
+    // reach the failing disk.
+    c.nodes[0].stop();
+    flaky.failing(true);
+    c.nodes[0].start();
+    c.nodes[1].start();
+    c.bravo()
+        .wait_status("waits for alpha's disk", STATE_TIMEOUT, |s| {
+            s["replication"] == "SyncTarget"
+                && s["resync_disk_wait_peer"] == true
+                && s["resync_disk_wait_s"].as_u64() >= Some(1)
+        });
+    c.alpha()
+        .wait_status("names its failed read", STATE_TIMEOUT, |s| {
+            s["replication"] == "SyncSource"
+                && s["disk_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("read") && e.contains("Input/output error"))
+        });
+    let text = c.bravo().replctl_ok(&["status"]);
+    assert!(
+        text.contains("the peer's disk failed; asking again within"),
+        "{text}"
+    );
+    for _ in 0..20 {
+        let s = c.bravo().status();
+        assert!(
+            s["connection"] == "Connected" && s["replication"] == "SyncTarget",
+            "the link stays up while alpha cannot read: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    flaky.failing(false);
+    c.wait_in_sync(RESYNC_TIMEOUT);
+    assert!(
+        c.bravo().read_data(0, MIB as usize) == vec![0x6b; MIB as usize],
+        "bravo lacks what alpha wrote alone"
     );
     c.assert_replicas_identical();
     drop(c);

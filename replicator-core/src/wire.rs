@@ -337,6 +337,15 @@ pub enum Message {
         /// 0 on success, else an errno-like code from the target's disk.
         error: u16,
     },
+    /// The sync source could not read the range of request `id` (`error`,
+    /// an errno-like code from its disk): the target keeps it out of sync
+    /// and asks again after a wait, instead of the link dropping.
+    ResyncReadFailed {
+        /// The request's id.
+        id: RequestId,
+        /// errno-like code from the source's disk.
+        error: u16,
+    },
     /// The resync completed from the sender's side.
     ResyncDone,
     /// Online verify: asks the peer for the digest of a range.
@@ -479,6 +488,7 @@ mod code {
     pub const DISCONNECT: u16 = 25;
     pub const BITMAP_ACK: u16 = 26;
     pub const RESYNC_ACK: u16 = 27;
+    pub const RESYNC_READ_FAILED: u16 = 28;
 }
 
 impl Message {
@@ -505,6 +515,7 @@ impl Message {
             Message::ResyncData { .. } => code::RESYNC_DATA,
             Message::ResyncInSync { .. } => code::RESYNC_IN_SYNC,
             Message::ResyncAck { .. } => code::RESYNC_ACK,
+            Message::ResyncReadFailed { .. } => code::RESYNC_READ_FAILED,
             Message::ResyncDone => code::RESYNC_DONE,
             Message::VerifyRequest { .. } => code::VERIFY_REQUEST,
             Message::VerifyReply { .. } => code::VERIFY_REPLY,
@@ -543,6 +554,7 @@ fn type_name(code: u16) -> Option<&'static str> {
         code::RESYNC_DATA => "ResyncData",
         code::RESYNC_IN_SYNC => "ResyncInSync",
         code::RESYNC_ACK => "ResyncAck",
+        code::RESYNC_READ_FAILED => "ResyncReadFailed",
         code::RESYNC_DONE => "ResyncDone",
         code::VERIFY_REQUEST => "VerifyRequest",
         code::VERIFY_REPLY => "VerifyReply",
@@ -716,6 +728,7 @@ pub fn validate(m: &Message) -> Result<(), WireError> {
         | Message::RecvAck { .. }
         | Message::WriteAck { .. }
         | Message::ResyncAck { .. }
+        | Message::ResyncReadFailed { .. }
         | Message::Barrier { .. }
         | Message::BarrierAck { .. }
         | Message::ResyncDone
@@ -840,7 +853,8 @@ pub fn encode_parts(
         Message::RecvAck { id } | Message::Barrier { id } => dst.put_u64(id.0),
         Message::WriteAck { id, error }
         | Message::BarrierAck { id, error }
-        | Message::ResyncAck { id, error } => {
+        | Message::ResyncAck { id, error }
+        | Message::ResyncReadFailed { id, error } => {
             dst.put_u64(id.0);
             dst.put_u16(*error);
         }
@@ -1429,6 +1443,10 @@ fn parse(msg_type: u16, r: &mut Reader) -> Result<Message, WireError> {
             id: RequestId(r.u64()?),
             error: r.u16()?,
         },
+        code::RESYNC_READ_FAILED => Message::ResyncReadFailed {
+            id: RequestId(r.u64()?),
+            error: r.u16()?,
+        },
         code::OUT_OF_SYNC => Message::OutOfSync {
             offset: r.u64()?,
             len_bytes: r.u32()?,
@@ -1718,6 +1736,14 @@ mod tests {
                 27,
                 hex("000000000000001b 001c"),
             ),
+            (
+                Message::ResyncReadFailed {
+                    id: RequestId(28),
+                    error: 5,
+                },
+                28,
+                hex("000000000000001c 0005"),
+            ),
         ]
     }
 
@@ -1728,7 +1754,7 @@ mod tests {
         // bump fails here.
         assert_eq!(WIRE_VERSION, 3, "update the golden bytes with the version");
         let cases = golden();
-        assert_eq!(cases.len(), 27, "one golden case per variant");
+        assert_eq!(cases.len(), 28, "one golden case per variant");
         for (msg, msg_type, payload) in cases {
             let expected = frame(msg_type, &payload);
             assert_eq!(enc(&msg), expected, "{}", msg.name());
@@ -2120,6 +2146,8 @@ mod tests {
             id.clone().prop_map(|id| Message::Barrier { id }),
             (id.clone(), any::<u16>()).prop_map(|(id, error)| Message::BarrierAck { id, error }),
             (id.clone(), any::<u16>()).prop_map(|(id, error)| Message::ResyncAck { id, error }),
+            (id.clone(), any::<u16>())
+                .prop_map(|(id, error)| Message::ResyncReadFailed { id, error }),
             (0u64..1 << 50, 1u32..)
                 .prop_map(|(offset, len_bytes)| Message::OutOfSync { offset, len_bytes }),
             (id.clone(), arb_range()).prop_map(|(id, (offset, len_bytes))| {

@@ -1622,3 +1622,76 @@ fn a_resync_ack_the_source_did_not_expect_drops_the_link() {
     assert!(closes(&mut p.a), "SyncSource, unknown request");
     assert_eq!(p.a.status().out_of_sync_bytes, 16384);
 }
+
+#[test]
+fn a_sync_source_that_cannot_read_answers_so_and_the_target_waits() {
+    // As DRBD's negative resync reply: a SyncSource whose read fails tells
+    // the target (ResyncReadFailed) instead of dropping the link, which
+    // reconnected ten times a second and failed again. The target keeps
+    // the ranges marked and waits as after its own disk's failure, saying
+    // the peer's disk failed; once the source reads again, the resync ends.
+    let mut p = Pair::new(ProtocolMode::C);
+    disconnect_write_and_link_up(&mut p);
+    let a_reads_fail = |me: usize, op: &DiskOp| me == 0 && matches!(op, DiskOp::Read { .. });
+    let (mut oa, mut ob) = (Vec::new(), Vec::new());
+    p.run_failing(Time(0), a_reads_fail, &mut oa, &mut ob);
+    let failed = sent(&oa)
+        .iter()
+        .filter(|m| matches!(m, Message::ResyncReadFailed { error: 5, .. }))
+        .count();
+    assert_eq!(failed, 4, "one answer per request");
+    assert!(
+        !oa.iter()
+            .chain(&ob)
+            .any(|o| matches!(o, Output::CloseLink { .. })),
+        "the link stays up"
+    );
+    assert_eq!(p.a.status().connection, ConnState::Connected);
+    assert_eq!(p.b.status().replication, ReplState::SyncTarget);
+    let status = p.b.status();
+    assert_eq!(status.resync_disk_wait_s, Some(1));
+    assert!(
+        status.resync_disk_wait_peer,
+        "the wait is for the peer's disk"
+    );
+    for e in [&p.a, &p.b] {
+        assert_eq!(e.status().out_of_sync_bytes, 16384);
+    }
+
+    // Before the wait ends nothing is asked; after it, with the source's
+    // disk readable again, the resync finishes.
+    let mut ob = Vec::new();
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(999_000_000), Input::Tick);
+    }
+    p.run_failing(Time(999_000_000), a_reads_fail, &mut Vec::new(), &mut ob);
+    assert!(!sent(&ob)
+        .iter()
+        .any(|m| matches!(m, Message::ResyncRequest { .. })));
+    for e in [&mut p.a, &mut p.b] {
+        e.handle(Time(1_000_000_000), Input::Tick);
+    }
+    p.run_failing(
+        Time(1_000_000_000),
+        |_, _| false,
+        &mut Vec::new(),
+        &mut Vec::new(),
+    );
+    for e in [&p.a, &p.b] {
+        assert_eq!(e.status().replication, ReplState::Established);
+        assert_eq!(e.status().out_of_sync_bytes, 0);
+    }
+    assert!(!p.b.status().resync_disk_wait_peer);
+
+    // A ResyncReadFailed nobody asked for drops the link.
+    p.b.handle(
+        Time(1_000_000_000),
+        Input::PeerFrame(Message::ResyncReadFailed {
+            id: RequestId(999),
+            error: 5,
+        }),
+    );
+    assert!(drain(&mut p.b)
+        .iter()
+        .any(|o| matches!(o, Output::CloseLink { .. })));
+}

@@ -139,11 +139,24 @@ fn a_sync_target_whose_flushes_fail_resyncs_what_they_lost() {
     // Invariant 4 under a write-back error during a resync: bravo, the
     // SyncTarget after a partition, loses resync data and mirrored writes
     // to failed flushes. It must send exactly those ranges round again
-    // (nobody else knows them: the source cleared its bits when it sent
-    // the data); after the resync it crashes, and its disk must hold every
-    // acknowledged write it had flushed.
+    // (the source cleared its bits when bravo acknowledged the writes, and
+    // marks them again only from bravo's OutOfSync); after the resync it
+    // crashes, and its disk must hold every acknowledged write it had
+    // flushed.
     for r in pass(Scenario::SyncTargetFlushFails, &[1, 2, 3, 4, 5, 6]) {
         assert!(r.disk_flush_errors > 0 && r.crashes == 1, "{r:?}");
+    }
+}
+
+#[test]
+fn a_sync_source_whose_reads_fail_keeps_the_link_and_finishes_later() {
+    // alpha, the SyncSource after a partition, cannot read while the link
+    // heals: it answers each request with ResyncReadFailed, bravo keeps the
+    // ranges and asks again after its wait, no link is dropped for it, and
+    // the resync ends identical once the reads work (checked by `pass`).
+    for r in pass(Scenario::SyncSourceReadsFail, &[1, 2, 3, 4, 5]) {
+        assert!(r.disk_read_errors > 0, "{r:?}");
+        assert_eq!(r.links_closed, 0, "{r:?}");
     }
 }
 

@@ -27,7 +27,7 @@ sim faults: ack-before-peer, forget-out-of-sync, ignore-frame-order
 scenarios: random (default), primary-crash, secondary-crash, partition, partition-resync,
            corrupt-dup, reorder, split-brain, flush-disconnect, torn-metadata,
            secondary-disk-fails, secondary-flush-fails, sync-target-flush-fails,
-           secondary-meta-fails, primary-meta-fails";
+           sync-source-reads-fail, secondary-meta-fails, primary-meta-fails";
 
 fn scenario(name: &str) -> Option<Scenario> {
     Some(match name {
@@ -44,6 +44,7 @@ fn scenario(name: &str) -> Option<Scenario> {
         "secondary-disk-fails" => Scenario::SecondaryDiskFails,
         "secondary-flush-fails" => Scenario::SecondaryFlushFails,
         "sync-target-flush-fails" => Scenario::SyncTargetFlushFails,
+        "sync-source-reads-fail" => Scenario::SyncSourceReadsFail,
         "secondary-meta-fails" => Scenario::SecondaryMetaFails,
         "primary-meta-fails" => Scenario::PrimaryMetaFails,
         _ => return None,

@@ -296,6 +296,7 @@ impl Engine {
                 self.source_range_lost(u64::from(len_bytes));
             }
             Message::ResyncAck { id, error } => self.on_resync_ack(id, error),
+            Message::ResyncReadFailed { id, error } => self.on_resync_read_failed(id, error),
             Message::ResyncRequest {
                 id,
                 offset,

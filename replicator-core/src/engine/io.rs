@@ -361,5 +361,8 @@ pub struct Status {
     /// A SyncTarget waiting after its disk failed a resync write or flush:
     /// how long this wait is (1 s, doubling, at most 16 s), in seconds.
     pub resync_disk_wait_s: Option<u64>,
+    /// The failure behind `resync_disk_wait_s` was the peer's: the
+    /// SyncSource could not read the data.
+    pub resync_disk_wait_peer: bool,
     pub split_brain: bool,
 }

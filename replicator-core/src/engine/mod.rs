@@ -367,6 +367,8 @@ impl Engine {
             out_of_sync_bytes: self.bitmap.out_of_sync_bytes(),
             resync: self.resync_progress(),
             resync_disk_wait_s: self.resync_disk_wait_s(),
+            resync_disk_wait_peer: self.resync_disk_wait_s().is_some()
+                && self.target.as_ref().is_some_and(|t| t.peer_disk_failed),
             split_brain: self.split_brain,
         }
     }

@@ -91,6 +91,8 @@ pub(super) struct TargetState {
     pub disk_failures: u32,
     /// After a disk failure: no requests before this time.
     pub disk_retry_at: Option<Time>,
+    /// The last failure was the source's read, not this disk.
+    pub peer_disk_failed: bool,
     /// The link this resync runs on is still up: written data is
     /// acknowledged to the source (a write that completes after the link
     /// dropped belongs to a connection that no longer exists).
@@ -217,6 +219,7 @@ impl Engine {
             stale: BTreeSet::new(),
             disk_failures: 0,
             disk_retry_at: None,
+            peer_disk_failed: false,
             linked: true,
         });
         self.set_repl(ReplState::SyncTarget);
@@ -407,16 +410,21 @@ impl Engine {
         let Some(item) = src.reads.remove(&k) else {
             return;
         };
-        let Ok(data) = result else {
-            // Cannot serve: drop the link, the bits stay set on both sides.
-            return self.protocol_error(format!(
-                "local read failed serving resync at {}",
-                item.offset
-            ));
-        };
         if !self.replicating {
             return;
         }
+        let data = match result {
+            Ok(data) => data,
+            Err(e) => {
+                // Cannot serve: the bits stay set on both sides, and the
+                // target asks again after a wait (as DRBD's negative resync
+                // reply); the link stays up for everything else.
+                return self.send(Message::ResyncReadFailed {
+                    id: item.id,
+                    error: u16::try_from(e.code).unwrap_or(u16::MAX),
+                });
+            }
+        };
         match item.digest {
             Some(d) if d == digest(&data) => {
                 // Nothing to write: the copies match now.
@@ -574,6 +582,27 @@ impl Engine {
     /// stay (or are again) out of sync, and requests wait before the next
     /// try.
     pub(super) fn target_disk_failed(&mut self) {
+        self.resync_failed_on(false);
+    }
+
+    /// The SyncSource could not read the data of request `id`: its blocks
+    /// stay out of sync, and requests wait as after a failure here. (The
+    /// error itself is logged and shown by the source, whose disk it is.)
+    pub(super) fn on_resync_read_failed(&mut self, id: RequestId, _error: u16) {
+        let Some(t) = self.target.as_mut() else {
+            return self.protocol_error(format!("ResyncReadFailed {id} while not SyncTarget"));
+        };
+        if t.inflight.remove(&id).is_none() {
+            return self.protocol_error(format!("ResyncReadFailed for unknown {id}"));
+        }
+        t.stale.remove(&id);
+        self.resync_failed_on(true);
+        self.pump();
+    }
+
+    /// A resync try failed on this disk or (`peer`) on the source's: one
+    /// step of the wait before the next requests.
+    fn resync_failed_on(&mut self, peer: bool) {
         let now = self.now;
         let Some(t) = self.target.as_mut() else {
             return;
@@ -585,6 +614,7 @@ impl Engine {
         }
         t.disk_failures = t.disk_failures.saturating_add(1);
         t.disk_retry_at = Some(now.plus_ns(resync_disk_wait_ns(t.disk_failures)));
+        t.peer_disk_failed = peer;
     }
 
     /// The wait a SyncTarget is in after a disk failure, in seconds.

@@ -189,6 +189,22 @@ impl Pair {
         a_out: &mut Vec<Output>,
         b_out: &mut Vec<Output>,
     ) {
+        let fails = |me: usize, op: &DiskOp| {
+            me == 1 && matches!(op, DiskOp::Write { .. } | DiskOp::Flush) && b_fails(op)
+        };
+        self.run_failing(now, fails, a_out, b_out);
+    }
+
+    /// Like [`Pair::run`], at engine time `now`; each data read, write or
+    /// flush for which `fails(node, op)` holds (node 0 is a, 1 is b) fails
+    /// with EIO.
+    pub fn run_failing(
+        &mut self,
+        now: Time,
+        fails: impl Fn(usize, &DiskOp) -> bool,
+        a_out: &mut Vec<Output>,
+        b_out: &mut Vec<Output>,
+    ) {
         for _ in 0..10_000 {
             let (oa, ob) = (drain(&mut self.a), drain(&mut self.b));
             if oa.is_empty() && ob.is_empty() {
@@ -208,8 +224,8 @@ impl Pair {
                         Output::Send(m) => other.handle(now, Input::PeerFrame(m)),
                         Output::Disk { op, kind } => {
                             let result = match kind {
-                                DiskOp::Write { .. } | DiskOp::Flush
-                                    if me == 1 && b_fails(&kind) =>
+                                DiskOp::Read { .. } | DiskOp::Write { .. } | DiskOp::Flush
+                                    if fails(me, &kind) =>
                                 {
                                     Err(DiskError { code: 5 })
                                 }

@@ -151,6 +151,7 @@ pub fn status_report(
         nbd_clients: context.nbd_clients,
         resync_transferred_bytes: context.resync_transferred_bytes,
         resync_disk_wait_s: status.resync_disk_wait_s,
+        resync_disk_wait_peer: status.resync_disk_wait_peer,
     }
 }
 
@@ -238,6 +239,7 @@ mod tests {
                 eta_s: 99,
             }),
             resync_disk_wait_s: Some(4),
+            resync_disk_wait_peer: true,
             split_brain: true,
         };
         let json = serde_json::to_value(status_report(&status, &context())).unwrap();
@@ -250,6 +252,7 @@ mod tests {
         assert_eq!(json["out_of_sync_bytes"], 8192);
         assert_eq!(json["resync"]["eta_s"], serde_json::Value::Null);
         assert_eq!(json["resync_disk_wait_s"], 4);
+        assert_eq!(json["resync_disk_wait_peer"], true);
         assert_eq!(json["split_brain"], true);
         assert_eq!(json["nbd_clients"], 2);
         assert_eq!(json["protocol"], "C");

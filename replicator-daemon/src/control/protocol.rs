@@ -404,6 +404,11 @@ pub struct StatusReport {
     /// absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_disk_wait_s: Option<u64>,
+    /// With `resync_disk_wait_s`: the failure was the peer's (the
+    /// SyncSource could not read the data), not this node's disk; absent
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resync_disk_wait_peer: bool,
 }
 
 /// Kind of an event line (as in `drbdsetup events2`).
@@ -648,6 +653,7 @@ mod tests {
             nbd_clients: 1,
             resync_transferred_bytes: 512 << 20,
             resync_disk_wait_s: None,
+            resync_disk_wait_peer: false,
         }
     }
 

@@ -45,6 +45,7 @@ pub fn sample_status() -> StatusReport {
         nbd_clients: 0,
         resync_transferred_bytes: 0,
         resync_disk_wait_s: None,
+        resync_disk_wait_peer: false,
     }
 }
 

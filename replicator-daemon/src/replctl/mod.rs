@@ -547,7 +547,12 @@ async fn wait_for(
         let since_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let state = tracker.observe(&status, since_ms);
         let disk_wait = match op {
-            WaitOp::Resync => status.resync_disk_wait_s.map(render::Hold::DiskWait),
+            WaitOp::Resync => status
+                .resync_disk_wait_s
+                .map(|wait_s| render::Hold::DiskWait {
+                    wait_s,
+                    peer: status.resync_disk_wait_peer,
+                }),
             WaitOp::Verify => None,
         };
         let (progress, hold) = match &state {

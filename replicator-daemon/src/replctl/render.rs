@@ -109,9 +109,10 @@ pub fn status_text(s: &StatusReport) -> String {
             ""
         };
         let waiting = match s.resync_disk_wait_s {
-            Some(wait) => {
-                format!(" (the disk failed; asking again within {wait}s, `replctl resync` now)")
-            }
+            Some(wait) => format!(
+                " ({}; asking again within {wait}s, `replctl resync` now)",
+                failed_disk(s.resync_disk_wait_peer)
+            ),
             None => String::new(),
         };
         let _ = writeln!(
@@ -167,8 +168,19 @@ pub enum Hold {
     Moving,
     /// Paused by `pause-sync`.
     Paused,
-    /// A SyncTarget waiting after its disk failed (`resync_disk_wait_s`).
-    DiskWait(u64),
+    /// A SyncTarget waiting after its disk (or, `peer`, the SyncSource's)
+    /// failed (`resync_disk_wait_s`).
+    DiskWait { wait_s: u64, peer: bool },
+}
+
+/// Whose disk a resync waits for: "the disk failed" or "the peer's disk
+/// failed".
+fn failed_disk(peer: bool) -> &'static str {
+    if peer {
+        "the peer's disk failed"
+    } else {
+        "the disk failed"
+    }
 }
 
 pub fn progress_bar(op: WaitOp, progress: &Progress, hold: Hold) -> String {
@@ -182,7 +194,10 @@ pub fn progress_bar(op: WaitOp, progress: &Progress, hold: Hold) -> String {
     );
     let tail = match hold {
         Hold::Paused => "paused".to_owned(),
-        Hold::DiskWait(wait) => format!("disk failed, next try within {wait}s"),
+        Hold::DiskWait { wait_s, peer } => format!(
+            "{} failed, next try within {wait_s}s",
+            if peer { "peer's disk" } else { "disk" }
+        ),
         Hold::Moving => format!(
             "{} ETA {}",
             rate(progress.rate_bytes_per_s),
@@ -214,9 +229,10 @@ pub fn progress_line(op: WaitOp, progress: &Progress, hold: Hold) -> String {
     );
     match hold {
         Hold::Paused => format!("{head}, paused (resume-sync continues it)"),
-        Hold::DiskWait(wait) => {
-            format!("{head}, the disk failed; asking again within {wait}s (`replctl resync` now)")
-        }
+        Hold::DiskWait { wait_s, peer } => format!(
+            "{head}, {}; asking again within {wait_s}s (`replctl resync` now)",
+            failed_disk(peer)
+        ),
         Hold::Moving => format!(
             "{head} at {}, ETA {}",
             rate(progress.rate_bytes_per_s),
@@ -256,6 +272,15 @@ mod tests {
             nbd_clients: 1,
             resync_transferred_bytes: 512 << 20,
             resync_disk_wait_s: None,
+            resync_disk_wait_peer: false,
+        }
+    }
+
+    /// A wait for this node's disk.
+    fn local(wait_s: u64) -> Hold {
+        Hold::DiskWait {
+            wait_s,
+            peer: false,
         }
     }
 
@@ -352,7 +377,13 @@ mod tests {
             ),
             "{text}"
         );
+        s.resync_disk_wait_peer = true;
+        assert!(
+            status_text(&s).contains("(the peer's disk failed; asking again within 8s,"),
+            "the SyncSource's read failed"
+        );
         s.resync_disk_wait_s = None;
+        s.resync_disk_wait_peer = false;
         assert!(!status_text(&s).contains("disk failed"));
         // Absent from --json unless waiting (the pinned golden has none).
         let json = serde_json::to_value(&s).unwrap();
@@ -480,14 +511,23 @@ mod tests {
             "resync 50.00% 512.0MiB of 1.00GiB, paused (resume-sync continues it)"
         );
         assert_eq!(
-            progress_line(WaitOp::Resync, &half_done(), Hold::DiskWait(4)),
+            progress_line(WaitOp::Resync, &half_done(), local(4)),
             "resync 50.00% 512.0MiB of 1.00GiB, the disk failed; asking again within 4s \
              (`replctl resync` now)"
         );
-        assert!(
-            progress_bar(WaitOp::Resync, &half_done(), Hold::DiskWait(4))
-                .ends_with("512.0MiB/1.00GiB disk failed, next try within 4s\x1b[K")
+        assert!(progress_bar(WaitOp::Resync, &half_done(), local(4))
+            .ends_with("512.0MiB/1.00GiB disk failed, next try within 4s\x1b[K"));
+        let peer = Hold::DiskWait {
+            wait_s: 2,
+            peer: true,
+        };
+        assert_eq!(
+            progress_line(WaitOp::Resync, &half_done(), peer),
+            "resync 50.00% 512.0MiB of 1.00GiB, the peer's disk failed; asking again within 2s \
+             (`replctl resync` now)"
         );
+        assert!(progress_bar(WaitOp::Resync, &half_done(), peer)
+            .ends_with("512.0MiB/1.00GiB peer's disk failed, next try within 2s\x1b[K"));
         assert!(!progress_line(WaitOp::Verify, &half_done(), Hold::Moving)
             .chars()
             .any(char::is_control));

@@ -38,6 +38,7 @@ pub fn lane_of(msg: &Message) -> Lane {
         | Message::ResyncChecksumRequest { .. }
         | Message::ResyncData { .. }
         | Message::ResyncInSync { .. }
+        | Message::ResyncReadFailed { .. }
         | Message::ResyncDone
         | Message::VerifyRequest { .. }
         | Message::VerifyReply { .. }
