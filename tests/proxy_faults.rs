@@ -225,3 +225,23 @@ fn corrupted_frame_is_never_applied_and_the_link_resyncs() {
         c.assert_replicas_identical();
     }
 }
+
+#[test]
+fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+    // Proves the harness's ports cannot be taken by an outgoing connection
+    // (the kernel picks those from ip_local_port_range) before a daemon or
+    // the proxy binds them, and are never handed out twice.
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .expect("read ip_local_port_range")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port number");
+    let ports: Vec<u16> = (0..64).map(|_| common::free_port()).collect();
+    let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+    for p in ports {
+        assert!(p < ephemeral_low, "{p} is in the ephemeral range");
+        std::net::TcpListener::bind(("127.0.0.1", p)).expect("free to bind");
+    }
+}

@@ -437,16 +437,45 @@ impl Drop for Export {
 }
 
 /// A port on 127.0.0.1 that was free a moment ago, and not handed out
-/// before in this test process: the kernel may give the same ephemeral
-/// port to two binds in a row once the first listener is closed, and a
-/// config with one port for two listeners is refused (it happened in CI:
-/// bravo's `nbd` and `replication` both on 44769).
+/// before in this test process: a config with one port for two listeners
+/// is refused (it happened in CI: bravo's `nbd` and `replication` both on
+/// 44769, two binds to port 0 in a row). The port lies below the kernel's
+/// ephemeral range (`ip_local_port_range`), so no outgoing connection of
+/// any test (an NBD client, a node dialling its peer, the fault proxy)
+/// can take it between now and the daemon's bind; each test process
+/// starts at its own place in that range.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 10_000;
     static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(LOWEST);
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    if span >= 1_000 {
+        if NEXT.load(Ordering::Relaxed) == 0 {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let start = (std::process::id().wrapping_mul(2_654_435_761) ^ nanos) % span;
+            NEXT.store(start + 1, Ordering::Relaxed);
+        }
+        for _ in 0..span {
+            let i = NEXT.fetch_add(1, Ordering::Relaxed) - 1;
+            let port = (LOWEST + i % span) as u16;
+            if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                handed_out.push(port);
+                return port;
+            }
+        }
+    }
+    // No room below the ephemeral range: ask the kernel.
     loop {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let port = listener.local_addr().expect("local addr").port();
-        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
         if !handed_out.contains(&port) {
             handed_out.push(port);
             return port;
