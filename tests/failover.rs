@@ -675,6 +675,27 @@ impl Drop for FlakyDisk {
     }
 }
 
+/// Whether `status` names a failed `op` ("flush", "read", ...) with EIO as
+/// its last disk error.
+fn disk_error_is_eio(status: &serde_json::Value, op: &str) -> bool {
+    status["disk_error"]
+        .as_str()
+        .is_some_and(|e| e.contains(op) && e.contains("Input/output error"))
+}
+
+/// A started pair of 16 MiB whose node `n` has a [`FlakyDisk`] with `flaw`
+/// as its data disk (its metadata is in a file of its own, made for a disk
+/// of this size); the disk works until told to fail.
+fn pair_with_flaky_disk(n: usize, flaw: Flaw) -> (Cluster, FlakyDisk) {
+    let c = Cluster::prepare(ClusterSpec {
+        disk_bytes: 16 * MIB,
+        ..ClusterSpec::default()
+    });
+    let flaky = FlakyDisk::start(c.dir(), "flaky", 16 * MIB, None, flaw);
+    flaky.replace(&c.nodes[n].disk);
+    (c.started(), flaky)
+}
+
 #[test]
 fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
     // Invariant 6 with a write-back error: bravo's disk (direct = false)
@@ -684,14 +705,7 @@ fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
     // Inconsistent when its flush fails, and refuse an unforced promotion
     // once alpha is killed; alpha must have marked the lost writes, so the
     // resync after its return restores them.
-    let c = Cluster::prepare(ClusterSpec {
-        disk_bytes: 16 * MIB,
-        ..ClusterSpec::default()
-    });
-    let flaky = FlakyDisk::start(c.dir(), "flaky", 16 * MIB, None, Flaw::LosesWrites);
-    // Its metadata is in a file of its own, made for a disk of this size.
-    flaky.replace(&c.nodes[1].disk);
-    let mut c = c.started();
+    let (mut c, flaky) = pair_with_flaky_disk(1, Flaw::LosesWrites);
     let uri = c.alpha().uri();
     let out = common::cluster::qemu_io(&uri, &["write -P 0x5a 0 1M", "flush"]);
     assert!(!out.contains("error"), "{out}");
@@ -705,10 +719,7 @@ fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
     );
     c.bravo()
         .wait_status("Inconsistent after its flush failed", STATE_TIMEOUT, |s| {
-            s["disk"] == "Inconsistent"
-                && s["disk_error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("flush") && e.contains("Input/output error"))
+            s["disk"] == "Inconsistent" && disk_error_is_eio(s, "flush")
         });
     c.alpha()
         .wait_status("sees bravo Inconsistent", STATE_TIMEOUT, |s| {
@@ -815,14 +826,7 @@ fn a_sync_source_whose_reads_fail_keeps_the_link_while_the_target_waits() {
     // status says the peer's disk failed; the link stays up. (Before,
     // alpha dropped the link at the failed read and reconnected at once,
     // over and over.) Once alpha reads again, the resync ends.
-    let c = Cluster::prepare(ClusterSpec {
-        disk_bytes: 16 * MIB,
-        ..ClusterSpec::default()
-    });
-    let flaky = FlakyDisk::start(c.dir(), "flaky", 16 * MIB, None, Flaw::FailsReads);
-    // Its metadata is in a file of its own, made for a disk of this size.
-    flaky.replace(&c.nodes[0].disk);
-    let mut c = c.started();
+    let (mut c, flaky) = pair_with_flaky_disk(0, Flaw::FailsReads);
     c.nodes[1].stop();
     let out = common::cluster::qemu_io(&c.alpha().uri(), &["write -P 0x6b 0 1M", "flush"]);
     assert!(!out.contains("error"), "{out}");
@@ -840,10 +844,7 @@ fn a_sync_source_whose_reads_fail_keeps_the_link_while_the_target_waits() {
         });
     c.alpha()
         .wait_status("names its failed read", STATE_TIMEOUT, |s| {
-            s["replication"] == "SyncSource"
-                && s["disk_error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("read") && e.contains("Input/output error"))
+            s["replication"] == "SyncSource" && disk_error_is_eio(s, "read")
         });
     let text = c.bravo().replctl_ok(&["status"]);
     assert!(
