@@ -193,6 +193,15 @@ fn random_seed_with_an_in_sync_answer_for_lost_data_passes() {
 }
 
 #[test]
+fn random_seed_whose_torn_superblock_crash_came_after_its_restart_passes() {
+    // This random run once stopped converging: a crash planned at bravo's
+    // next superblock write found none before the planned restart, so it
+    // struck later, with no restart left, and bravo stayed down.
+    let r = pass(Scenario::Random, &[2176767591694900303]);
+    assert!(r[0].disk_write_errors > 0, "{r:?}");
+}
+
+#[test]
 fn engine_acking_before_the_peer_makes_the_simulator_fail() {
     // A broken protocol C (ack on local completion only) must be caught:
     // after a failover the promoted node lacks acknowledged writes.

@@ -1051,8 +1051,13 @@ impl World {
                         if self.is_superblock_write(*offset_bytes))
                 });
                 if !in_flight {
-                    // Crash at the node's next superblock write instead.
-                    self.nodes[n].crash_on_superblock_write = true;
+                    // Crash at the node's next superblock write instead;
+                    // not once the healed phase began (EndSafety calls off
+                    // such crashes): that write may come after the planned
+                    // restart, and the node would stay down.
+                    if !self.safety_over {
+                        self.nodes[n].crash_on_superblock_write = true;
+                    }
                     return Ok(());
                 }
                 self.nodes[n].tear_next_meta = true;
