@@ -844,7 +844,9 @@ fn a_sync_source_whose_reads_fail_keeps_the_link_while_the_target_waits() {
         });
     c.alpha()
         .wait_status("names its failed read", STATE_TIMEOUT, |s| {
-            s["replication"] == "SyncSource" && disk_error_is_eio(s, "read")
+            s["replication"] == "SyncSource"
+                && s["peer_disk"] == "Inconsistent"
+                && disk_error_is_eio(s, "read")
         });
     let text = c.bravo().replctl_ok(&["status"]);
     assert!(

@@ -1565,6 +1565,11 @@ fn a_sync_source_counts_a_range_synced_only_once_the_target_wrote_it() {
         "sent but not written: still out of sync on the source"
     );
     assert_eq!(p.a.status().resync.map(|r| r.done_bytes), Some(0));
+    assert_eq!(
+        p.a.status().peer_disk,
+        Some(DiskState::Inconsistent),
+        "the source sees the target's disk as it is"
+    );
 
     // The writes land now, but the flush that ends the resync fails: the
     // target marks the four ranges again, and so does the source.
@@ -1593,6 +1598,7 @@ fn a_sync_source_counts_a_range_synced_only_once_the_target_wrote_it() {
         assert_eq!(e.status().out_of_sync_bytes, 0);
     }
     assert_eq!(p.b.disk_state(), DiskState::UpToDate);
+    assert_eq!(p.a.status().peer_disk, Some(DiskState::UpToDate));
 }
 
 #[test]

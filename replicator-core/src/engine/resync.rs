@@ -197,6 +197,9 @@ impl Engine {
             .map(|p| p.uuids)
             .expect("peer state known");
         self.set_disk(DiskState::Inconsistent);
+        // The source shows its peer's disk as it is while the resync runs
+        // (its status said UpToDate until the end).
+        self.send_state_update();
         // The merged bitmap must survive a crash before resync data lands.
         self.bitmap.mark_all_dirty();
         self.write_dirty_bitmap_pages();
