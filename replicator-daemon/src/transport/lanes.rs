@@ -1,6 +1,6 @@
 //! The two send lanes of a peer link: application traffic (writes, acks,
-//! barriers, state, pings) and resync traffic (resync and verify requests and
-//! data). The writer always takes from the application lane first, so client
+//! the SyncTarget's resync write acks, barriers, state, pings) and resync
+//! traffic (resync and verify requests and data). The writer always takes from the application lane first, so client
 //! writes and their acks never wait behind bulk resync data.
 //!
 //! Owns lane classification, the per-lane byte limits and the one ordering
@@ -226,6 +226,42 @@ mod tests {
         let names: Vec<&str> = drain(&mut l).iter().map(Message::name).collect();
         assert_eq!(names, ["Write", "WriteAck", "ResyncData", "ResyncData"]);
         assert_eq!((l.app_bytes(), l.resync_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn resync_acks_keep_their_order_with_write_acks_and_out_of_sync() {
+        // Proves a SyncTarget's ResyncAck (the source clears the range) and
+        // its WriteAck with an error or OutOfSync (the source marks it
+        // again) travel in one lane, so a later mark never arrives before
+        // an earlier clear; a read failure answers in the resync lane.
+        let mut l = Lanes::default();
+        l.push(Message::ResyncAck {
+            id: RequestId(1),
+            error: 0,
+        })
+        .unwrap();
+        l.push(Message::WriteAck {
+            id: RequestId(9),
+            error: 5,
+        })
+        .unwrap();
+        l.push(Message::OutOfSync {
+            offset: 0,
+            len_bytes: 4096,
+        })
+        .unwrap();
+        l.push(Message::ResyncAck {
+            id: RequestId(2),
+            error: 0,
+        })
+        .unwrap();
+        let names: Vec<&str> = drain(&mut l).iter().map(Message::name).collect();
+        assert_eq!(names, ["ResyncAck", "WriteAck", "OutOfSync", "ResyncAck"]);
+        let failed = Message::ResyncReadFailed {
+            id: RequestId(3),
+            error: 5,
+        };
+        assert_eq!(lane_of(&failed), Lane::Resync);
     }
 
     #[test]
