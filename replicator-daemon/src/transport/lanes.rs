@@ -235,26 +235,21 @@ mod tests {
         // again) travel in one lane, so a later mark never arrives before
         // an earlier clear; a read failure answers in the resync lane.
         let mut l = Lanes::default();
-        l.push(Message::ResyncAck {
-            id: RequestId(1),
+        let ack = |id| Message::ResyncAck {
+            id: RequestId(id),
             error: 0,
-        })
-        .unwrap();
-        l.push(Message::WriteAck {
+        };
+        let failed_write = Message::WriteAck {
             id: RequestId(9),
             error: 5,
-        })
-        .unwrap();
-        l.push(Message::OutOfSync {
+        };
+        let lost = Message::OutOfSync {
             offset: 0,
             len_bytes: 4096,
-        })
-        .unwrap();
-        l.push(Message::ResyncAck {
-            id: RequestId(2),
-            error: 0,
-        })
-        .unwrap();
+        };
+        for m in [ack(1), failed_write, lost, ack(2)] {
+            l.push(m).unwrap();
+        }
         let names: Vec<&str> = drain(&mut l).iter().map(Message::name).collect();
         assert_eq!(names, ["ResyncAck", "WriteAck", "OutOfSync", "ResyncAck"]);
         let failed = Message::ResyncReadFailed {
