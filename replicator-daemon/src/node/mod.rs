@@ -902,6 +902,20 @@ impl Runtime {
     fn resync(&mut self) -> Response {
         let s = self.engine.status();
         let connected = s.connection == ConnState::Connected;
+        if connected
+            && matches!(
+                s.replication,
+                ReplState::SyncSource | ReplState::PausedSyncS
+            )
+        {
+            // The target drives the resync (and its waits after a disk
+            // failure); nothing to start here.
+            let peer = &self.ctx.peer_node;
+            return Response::ok_with(format!(
+                "a resync to {peer} is already running; if it waits after a disk failure, \
+                 `replctl resync` on {peer} asks again at once"
+            ));
+        }
         if connected && s.replication == ReplState::Established {
             if !self.engine.needs_resync() {
                 return Response::ok_with("nothing to resync: the replicas are in sync");

@@ -651,6 +651,16 @@ async fn paced_resync_reports_a_sane_rate_on_both_sides() {
         assert!(r.rate_bytes_per_s <= 2 * limit, "{r:?}");
         assert!(r.eta_s.is_some(), "{r:?}");
     }
+    // `resync` on the source says what runs and where a retry is asked.
+    match a.request(Request::Resync).await {
+        Response::Ok {
+            message: Some(m), ..
+        } => assert!(
+            m.contains("already running") && m.contains("`replctl resync` on bravo"),
+            "{m}"
+        ),
+        other => panic!("{other:?}"),
+    }
     for h in [&a, &b] {
         wait_for(h, "resync done", |s| {
             s.replication == ReplicationState::Established && s.out_of_sync_bytes == 0
