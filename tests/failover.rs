@@ -801,7 +801,9 @@ fn a_secondary_whose_disk_flushes_fail_is_not_promoted_without_force() {
     // nearly done).
     c.alpha()
         .wait_status("the source still counts the lost MiB", STATE_TIMEOUT, |s| {
-            s["replication"] == "SyncSource" && s["out_of_sync_bytes"].as_u64() >= Some(MIB)
+            s["replication"] == "SyncSource"
+                && s["out_of_sync_bytes"].as_u64() >= Some(MIB)
+                && s["peer_resync_disk_wait"] == true
         });
     // Once the disk is sound, the operator's `resync` retries at once.
     flaky.failing(false);
@@ -846,6 +848,7 @@ fn a_sync_source_whose_reads_fail_keeps_the_link_while_the_target_waits() {
         .wait_status("names its failed read", STATE_TIMEOUT, |s| {
             s["replication"] == "SyncSource"
                 && s["peer_disk"] == "Inconsistent"
+                && s["peer_resync_disk_wait"] == true
                 && disk_error_is_eio(s, "read")
         });
     let text = c.bravo().replctl_ok(&["status"]);

@@ -106,12 +106,16 @@ pub const STATE_FLAG_WANT_FULL_SYNC: u32 = 1 << 3;
 /// `State` flag: the sender discards its own data on a split brain
 /// (`connect --discard-my-data`).
 pub const STATE_FLAG_DISCARD_MY_DATA: u32 = 1 << 4;
+/// `State` flag: the sender, a SyncTarget, waits after a disk failure (its
+/// own or its source's) before it asks for more.
+pub const STATE_FLAG_RESYNC_DISK_WAIT: u32 = 1 << 5;
 /// Every `State` flag this version knows; other bits are refused.
 pub const STATE_FLAGS_KNOWN: u32 = STATE_FLAG_CRASHED_PRIMARY
     | STATE_FLAG_WAS_PRIMARY
     | STATE_FLAG_SYNC_PAUSED
     | STATE_FLAG_WANT_FULL_SYNC
-    | STATE_FLAG_DISCARD_MY_DATA;
+    | STATE_FLAG_DISCARD_MY_DATA
+    | STATE_FLAG_RESYNC_DISK_WAIT;
 
 /// Why a node refuses a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use replicator_core::wire::STATE_FLAG_RESYNC_DISK_WAIT;
 
 #[test]
 fn disconnected_primary_write_persists_new_uuid_and_al_then_sets_out_of_sync_bit() {
@@ -1570,6 +1571,7 @@ fn a_sync_source_counts_a_range_synced_only_once_the_target_wrote_it() {
         Some(DiskState::Inconsistent),
         "the source sees the target's disk as it is"
     );
+    assert!(p.a.status().peer_resync_disk_wait, "and that it waits");
 
     // The writes land now, but the flush that ends the resync fails: the
     // target marks the four ranges again, and so does the source.
@@ -1663,6 +1665,10 @@ fn a_sync_source_that_cannot_read_answers_so_and_the_target_waits() {
     for e in [&p.a, &p.b] {
         assert_eq!(e.status().out_of_sync_bytes, 16384);
     }
+    // b says so in its State, and a's status shows that its target waits.
+    let waits = |m: &Message| matches!(m, Message::State { flags, .. } if flags & STATE_FLAG_RESYNC_DISK_WAIT != 0);
+    assert!(sent(&ob).iter().any(waits), "b's State says it waits");
+    assert!(p.a.status().peer_resync_disk_wait);
 
     // Before the wait ends nothing is asked; after it, with the source's
     // disk readable again, the resync finishes.
@@ -1677,17 +1683,19 @@ fn a_sync_source_that_cannot_read_answers_so_and_the_target_waits() {
     for e in [&mut p.a, &mut p.b] {
         e.handle(Time(1_000_000_000), Input::Tick);
     }
-    p.run_failing(
-        Time(1_000_000_000),
-        |_, _| false,
-        &mut Vec::new(),
-        &mut Vec::new(),
-    );
+    let mut ob = Vec::new();
+    p.run_failing(Time(1_000_000_000), |_, _| false, &mut Vec::new(), &mut ob);
+    let first_state = sent(&ob)
+        .into_iter()
+        .find(|m| matches!(m, Message::State { .. }))
+        .expect("b's State at the end of its wait");
+    assert!(!waits(&first_state), "the wait is over: {first_state:?}");
     for e in [&p.a, &p.b] {
         assert_eq!(e.status().replication, ReplState::Established);
         assert_eq!(e.status().out_of_sync_bytes, 0);
     }
     assert!(!p.b.status().resync_disk_wait_peer);
+    assert!(!p.a.status().peer_resync_disk_wait);
 
     // A ResyncReadFailed nobody asked for drops the link.
     p.b.handle(

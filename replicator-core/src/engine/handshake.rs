@@ -12,7 +12,7 @@ use crate::generation::{self, Decision, Side, SideFlags, SyncSource, UuidView};
 use crate::types::{BlockIndex, DiskState, GenerationUuids, NodeRole};
 use crate::wire::{
     Message, RefuseReason, MAX_BITMAP_CHUNK_BYTES, STATE_FLAG_CRASHED_PRIMARY,
-    STATE_FLAG_SYNC_PAUSED, WIRE_VERSION,
+    STATE_FLAG_RESYNC_DISK_WAIT, STATE_FLAG_SYNC_PAUSED, WIRE_VERSION,
 };
 
 use super::{ConnState, Engine, Event, Output, ReplState};
@@ -340,7 +340,19 @@ impl Engine {
         if self.sync_paused {
             f |= STATE_FLAG_SYNC_PAUSED;
         }
+        if self.resync_disk_wait_s().is_some() {
+            f |= STATE_FLAG_RESYNC_DISK_WAIT;
+        }
         f
+    }
+
+    /// The peer, our SyncTarget, waits after a disk failure.
+    pub(super) fn peer_resync_disk_wait(&self) -> bool {
+        self.source.is_some()
+            && self
+                .hs
+                .peer_state
+                .is_some_and(|p| p.flags & STATE_FLAG_RESYNC_DISK_WAIT != 0)
     }
 
     fn my_state_message(&self) -> Message {

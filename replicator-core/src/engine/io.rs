@@ -364,5 +364,8 @@ pub struct Status {
     /// The failure behind `resync_disk_wait_s` was the peer's: the
     /// SyncSource could not read the data.
     pub resync_disk_wait_peer: bool,
+    /// A SyncSource whose target waits after a disk failure (the target's
+    /// or this node's) before it asks for more.
+    pub peer_resync_disk_wait: bool,
     pub split_brain: bool,
 }

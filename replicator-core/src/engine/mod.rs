@@ -369,6 +369,7 @@ impl Engine {
             resync_disk_wait_s: self.resync_disk_wait_s(),
             resync_disk_wait_peer: self.resync_disk_wait_s().is_some()
                 && self.target.as_ref().is_some_and(|t| t.peer_disk_failed),
+            peer_resync_disk_wait: self.peer_resync_disk_wait(),
             split_brain: self.split_brain,
         }
     }

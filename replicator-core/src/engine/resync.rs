@@ -267,7 +267,13 @@ impl Engine {
             return;
         }
         t.throttled_until = None;
-        t.disk_retry_at = None;
+        if t.disk_retry_at.take().is_some() {
+            // The wait is over: the source's status stops saying so.
+            self.send_state_update();
+        }
+        let Some(t) = self.target.as_mut() else {
+            return;
+        };
         let mut requests = Vec::new();
         while t.inflight.len() + t.writes.len() < RESYNC_MAX_INFLIGHT_REQUESTS
             && self.unflushed.len() < 2 * UNFLUSHED_MAX_RANGES
@@ -618,6 +624,8 @@ impl Engine {
         t.disk_failures = t.disk_failures.saturating_add(1);
         t.disk_retry_at = Some(now.plus_ns(resync_disk_wait_ns(t.disk_failures)));
         t.peer_disk_failed = peer;
+        // The source's status says its target waits (STATE_FLAG_RESYNC_DISK_WAIT).
+        self.send_state_update();
     }
 
     /// The wait a SyncTarget is in after a disk failure, in seconds.
@@ -634,7 +642,10 @@ impl Engine {
     pub(super) fn target_retry_now(&mut self) {
         if let Some(t) = self.target.as_mut().filter(|t| t.disk_failures > 0) {
             t.disk_failures = 0;
-            t.disk_retry_at = None;
+            let waited = t.disk_retry_at.take().is_some();
+            if waited {
+                self.send_state_update();
+            }
             self.resync_pump();
         }
     }

@@ -152,6 +152,7 @@ pub fn status_report(
         resync_transferred_bytes: context.resync_transferred_bytes,
         resync_disk_wait_s: status.resync_disk_wait_s,
         resync_disk_wait_peer: status.resync_disk_wait_peer,
+        peer_resync_disk_wait: status.peer_resync_disk_wait,
     }
 }
 
@@ -240,6 +241,7 @@ mod tests {
             }),
             resync_disk_wait_s: Some(4),
             resync_disk_wait_peer: true,
+            peer_resync_disk_wait: true,
             split_brain: true,
         };
         let json = serde_json::to_value(status_report(&status, &context())).unwrap();
@@ -253,6 +255,7 @@ mod tests {
         assert_eq!(json["resync"]["eta_s"], serde_json::Value::Null);
         assert_eq!(json["resync_disk_wait_s"], 4);
         assert_eq!(json["resync_disk_wait_peer"], true);
+        assert_eq!(json["peer_resync_disk_wait"], true);
         assert_eq!(json["split_brain"], true);
         assert_eq!(json["nbd_clients"], 2);
         assert_eq!(json["protocol"], "C");

@@ -409,6 +409,10 @@ pub struct StatusReport {
     /// otherwise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resync_disk_wait_peer: bool,
+    /// A SyncSource whose target waits after a disk failure (the target's
+    /// or this node's) before it asks for more; absent otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub peer_resync_disk_wait: bool,
 }
 
 /// Kind of an event line (as in `drbdsetup events2`).
@@ -654,6 +658,7 @@ mod tests {
             resync_transferred_bytes: 512 << 20,
             resync_disk_wait_s: None,
             resync_disk_wait_peer: false,
+            peer_resync_disk_wait: false,
         }
     }
 

@@ -46,6 +46,7 @@ pub fn sample_status() -> StatusReport {
         resync_transferred_bytes: 0,
         resync_disk_wait_s: None,
         resync_disk_wait_peer: false,
+        peer_resync_disk_wait: false,
     }
 }
 

@@ -552,7 +552,10 @@ async fn wait_for(
                 .map(|wait_s| render::Hold::DiskWait {
                     wait_s,
                     peer: status.resync_disk_wait_peer,
-                }),
+                })
+                .or(status
+                    .peer_resync_disk_wait
+                    .then_some(render::Hold::TargetWaits)),
             WaitOp::Verify => None,
         };
         let (progress, hold) = match &state {

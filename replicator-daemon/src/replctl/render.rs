@@ -113,6 +113,10 @@ pub fn status_text(s: &StatusReport) -> String {
                 " ({}; asking again within {wait}s, `replctl resync` now)",
                 failed_disk(s.resync_disk_wait_peer)
             ),
+            None if s.peer_resync_disk_wait => format!(
+                " ({} waits after a disk failed; `replctl resync` on {} asks now)",
+                s.peer_node, s.peer_node
+            ),
             None => String::new(),
         };
         let _ = writeln!(
@@ -171,6 +175,9 @@ pub enum Hold {
     /// A SyncTarget waiting after its disk (or, `peer`, the SyncSource's)
     /// failed (`resync_disk_wait_s`).
     DiskWait { wait_s: u64, peer: bool },
+    /// A SyncSource whose target waits after a disk failed
+    /// (`peer_resync_disk_wait`).
+    TargetWaits,
 }
 
 /// Whose disk a resync waits for: "the disk failed" or "the peer's disk
@@ -194,6 +201,7 @@ pub fn progress_bar(op: WaitOp, progress: &Progress, hold: Hold) -> String {
     );
     let tail = match hold {
         Hold::Paused => "paused".to_owned(),
+        Hold::TargetWaits => "target waits after a disk failed".to_owned(),
         Hold::DiskWait { wait_s, peer } => format!(
             "{} failed, next try within {wait_s}s",
             if peer { "peer's disk" } else { "disk" }
@@ -229,6 +237,9 @@ pub fn progress_line(op: WaitOp, progress: &Progress, hold: Hold) -> String {
     );
     match hold {
         Hold::Paused => format!("{head}, paused (resume-sync continues it)"),
+        Hold::TargetWaits => format!(
+            "{head}, the target waits after a disk failed (`replctl resync` there asks now)"
+        ),
         Hold::DiskWait { wait_s, peer } => format!(
             "{head}, {}; asking again within {wait_s}s (`replctl resync` now)",
             failed_disk(peer)
@@ -273,6 +284,7 @@ mod tests {
             resync_transferred_bytes: 512 << 20,
             resync_disk_wait_s: None,
             resync_disk_wait_peer: false,
+            peer_resync_disk_wait: false,
         }
     }
 
@@ -385,6 +397,17 @@ mod tests {
         s.resync_disk_wait_s = None;
         s.resync_disk_wait_peer = false;
         assert!(!status_text(&s).contains("disk failed"));
+        // The source of a waiting target says so, and where to retry.
+        s.replication = ReplicationState::SyncSource;
+        s.peer_resync_disk_wait = true;
+        assert!(
+            status_text(&s).contains(
+                "eta:0:05 (bravo waits after a disk failed; `replctl resync` on bravo asks now)\n"
+            ),
+            "{}",
+            status_text(&s)
+        );
+        s.peer_resync_disk_wait = false;
         // Absent from --json unless waiting (the pinned golden has none).
         let json = serde_json::to_value(&s).unwrap();
         assert!(json.get("resync_disk_wait_s").is_none(), "{json}");
@@ -528,6 +551,15 @@ mod tests {
         );
         assert!(progress_bar(WaitOp::Resync, &half_done(), peer)
             .ends_with("512.0MiB/1.00GiB peer's disk failed, next try within 2s\x1b[K"));
+        assert_eq!(
+            progress_line(WaitOp::Resync, &half_done(), Hold::TargetWaits),
+            "resync 50.00% 512.0MiB of 1.00GiB, the target waits after a disk failed \
+             (`replctl resync` there asks now)"
+        );
+        assert!(
+            progress_bar(WaitOp::Resync, &half_done(), Hold::TargetWaits)
+                .ends_with("512.0MiB/1.00GiB target waits after a disk failed\x1b[K")
+        );
         assert!(!progress_line(WaitOp::Verify, &half_done(), Hold::Moving)
             .chars()
             .any(char::is_control));
