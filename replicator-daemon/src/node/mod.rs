@@ -905,9 +905,15 @@ impl Runtime {
         if connected
             && matches!(
                 s.replication,
-                ReplState::SyncSource | ReplState::PausedSyncS
+                ReplState::PausedSyncS | ReplState::PausedSyncT
             )
         {
+            return Response::ok_with(
+                "the resync is paused (pause-sync, here or on the peer): \
+                 `replctl resume-sync` continues it",
+            );
+        }
+        if connected && s.replication == ReplState::SyncSource {
             // The target drives the resync (and its waits after a disk
             // failure); nothing to start here.
             let peer = &self.ctx.peer_node;

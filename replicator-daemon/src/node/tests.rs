@@ -125,6 +125,16 @@ fn ok(r: Response) {
     assert!(matches!(r, Response::Ok { .. }), "expected ok, got {r:?}");
 }
 
+/// The operator's sentence of a success.
+fn ok_message(r: Response) -> String {
+    match r {
+        Response::Ok {
+            message: Some(m), ..
+        } => m,
+        other => panic!("expected ok with a message, got {other:?}"),
+    }
+}
+
 async fn wait_for(
     h: &NodeHandle,
     what: &str,
@@ -652,15 +662,11 @@ async fn paced_resync_reports_a_sane_rate_on_both_sides() {
         assert!(r.eta_s.is_some(), "{r:?}");
     }
     // `resync` on the source says what runs and where a retry is asked.
-    match a.request(Request::Resync).await {
-        Response::Ok {
-            message: Some(m), ..
-        } => assert!(
-            m.contains("already running") && m.contains("`replctl resync` on bravo"),
-            "{m}"
-        ),
-        other => panic!("{other:?}"),
-    }
+    let m = ok_message(a.request(Request::Resync).await);
+    assert!(
+        m.contains("already running") && m.contains("`replctl resync` on bravo"),
+        "{m}"
+    );
     for h in [&a, &b] {
         wait_for(h, "resync done", |s| {
             s.replication == ReplicationState::Established && s.out_of_sync_bytes == 0
@@ -693,6 +699,9 @@ async fn paused_resync_shows_no_rate_and_no_eta_until_resumed() {
         assert_eq!(r.rate_bytes_per_s, 0, "{r:?}");
         assert_eq!(r.eta_s, None, "{r:?}");
         assert!(r.done_bytes < r.total_bytes, "{r:?}");
+        // `resync` says what holds it, on either side.
+        let m = ok_message(h.request(Request::Resync).await);
+        assert!(m.contains("paused") && m.contains("resume-sync"), "{m}");
     }
     // Requests sent before the pause still land (as in DRBD); then
     // nothing moves.
