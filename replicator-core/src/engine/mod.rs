@@ -356,6 +356,7 @@ impl Engine {
     }
 
     pub fn status(&self) -> Status {
+        let disk_wait_s = self.resync_disk_wait_s();
         Status {
             role: self.role,
             disk: self.disk,
@@ -366,8 +367,8 @@ impl Engine {
             size_bytes: self.cfg.size_bytes,
             out_of_sync_bytes: self.bitmap.out_of_sync_bytes(),
             resync: self.resync_progress(),
-            resync_disk_wait_s: self.resync_disk_wait_s(),
-            resync_disk_wait_peer: self.resync_disk_wait_s().is_some()
+            resync_disk_wait_s: disk_wait_s,
+            resync_disk_wait_peer: disk_wait_s.is_some()
                 && self.target.as_ref().is_some_and(|t| t.peer_disk_failed),
             peer_resync_disk_wait: self.peer_resync_disk_wait(),
             split_brain: self.split_brain,

@@ -267,10 +267,7 @@ impl Engine {
             return;
         }
         t.throttled_until = None;
-        if t.disk_retry_at.take().is_some() {
-            // The wait is over: the source's status stops saying so.
-            self.send_state_update();
-        }
+        self.end_disk_wait();
         let Some(t) = self.target.as_mut() else {
             return;
         };
@@ -642,11 +639,21 @@ impl Engine {
     pub(super) fn target_retry_now(&mut self) {
         if let Some(t) = self.target.as_mut().filter(|t| t.disk_failures > 0) {
             t.disk_failures = 0;
-            let waited = t.disk_retry_at.take().is_some();
-            if waited {
-                self.send_state_update();
-            }
+            self.end_disk_wait();
             self.resync_pump();
+        }
+    }
+
+    /// A wait after a disk failure is over (it ran out, or the operator
+    /// ended it): the source's status stops saying that its target waits.
+    fn end_disk_wait(&mut self) {
+        if self
+            .target
+            .as_mut()
+            .and_then(|t| t.disk_retry_at.take())
+            .is_some()
+        {
+            self.send_state_update();
         }
     }
 
