@@ -547,19 +547,11 @@ async fn wait_for(
         let since_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let state = tracker.observe(&status, since_ms);
         let disk_wait = match op {
-            WaitOp::Resync => status
-                .resync_disk_wait_s
-                .map(|wait_s| render::Hold::DiskWait {
-                    wait_s,
-                    peer: status.resync_disk_wait_peer,
-                })
-                .or(status
-                    .peer_resync_disk_wait
-                    .then_some(render::Hold::TargetWaits)),
-            WaitOp::Verify => None,
+            WaitOp::Resync => render::Hold::of_resync(&status),
+            WaitOp::Verify => render::Hold::Moving,
         };
         let (progress, hold) = match &state {
-            WaitState::Running(p) => (*p, disk_wait.unwrap_or(render::Hold::Moving)),
+            WaitState::Running(p) => (*p, disk_wait),
             WaitState::Paused(p) => (*p, render::Hold::Paused),
             WaitState::Done | WaitState::Aborted(_) => {
                 if bar_drawn {

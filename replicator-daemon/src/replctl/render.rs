@@ -108,16 +108,16 @@ pub fn status_text(s: &StatusReport) -> String {
         } else {
             ""
         };
-        let waiting = match s.resync_disk_wait_s {
-            Some(wait) => format!(
-                " ({}; asking again within {wait}s, `replctl resync` now)",
-                failed_disk(s.resync_disk_wait_peer)
+        let waiting = match Hold::of_resync(s) {
+            Hold::DiskWait { wait_s, peer } => format!(
+                " ({}; asking again within {wait_s}s, `replctl resync` now)",
+                failed_disk(peer)
             ),
-            None if s.peer_resync_disk_wait => format!(
+            Hold::TargetWaits => format!(
                 " ({} waits after a disk failed; `replctl resync` on {} asks now)",
                 s.peer_node, s.peer_node
             ),
-            None => String::new(),
+            Hold::Moving | Hold::Paused => String::new(),
         };
         let _ = writeln!(
             out,
@@ -161,10 +161,6 @@ impl WaitOp {
     }
 }
 
-/// The terminal progress bar, redrawn in place: starts with `\r`, ends by
-/// clearing the rest of the line, no newline.
-///
-/// `\rresync [############............]  50.00% 512.0MiB/1.00GiB 100.0MiB/s ETA 0:05\x1b[K`
 /// Why a running operation does not move, if it is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hold {
@@ -180,6 +176,21 @@ pub enum Hold {
     TargetWaits,
 }
 
+impl Hold {
+    /// What holds a running resync after a disk failure, by its status
+    /// (a pause is the wait tracker's to see).
+    pub fn of_resync(s: &StatusReport) -> Hold {
+        match s.resync_disk_wait_s {
+            Some(wait_s) => Hold::DiskWait {
+                wait_s,
+                peer: s.resync_disk_wait_peer,
+            },
+            None if s.peer_resync_disk_wait => Hold::TargetWaits,
+            None => Hold::Moving,
+        }
+    }
+}
+
 /// Whose disk a resync waits for: "the disk failed" or "the peer's disk
 /// failed".
 fn failed_disk(peer: bool) -> &'static str {
@@ -190,6 +201,10 @@ fn failed_disk(peer: bool) -> &'static str {
     }
 }
 
+/// The terminal progress bar, redrawn in place: starts with `\r`, ends by
+/// clearing the rest of the line, no newline.
+///
+/// `\rresync [############............]  50.00% 512.0MiB/1.00GiB 100.0MiB/s ETA 0:05\x1b[K`
 pub fn progress_bar(op: WaitOp, progress: &Progress, hold: Hold) -> String {
     let percent = progress.percent();
     let filled = ((percent / 100.0) * PROGRESS_BAR_WIDTH_CHARS as f64).floor() as usize;
