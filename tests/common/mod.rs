@@ -445,29 +445,34 @@ impl Drop for Export {
 /// can take it between now and the daemon's bind; each test process
 /// starts at its own place in that range.
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
+    /// Where this process goes on looking, and what it handed out.
+    struct Ports {
+        next: Option<u32>,
+        handed_out: Vec<u16>,
+    }
+    static PORTS: std::sync::Mutex<Ports> = std::sync::Mutex::new(Ports {
+        next: None,
+        handed_out: Vec::new(),
+    });
     const LOWEST: u32 = 10_000;
-    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    static NEXT: AtomicU32 = AtomicU32::new(0);
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
         .unwrap_or(32_768);
     let span = ephemeral_low.saturating_sub(LOWEST);
-    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut p = PORTS.lock().unwrap_or_else(|e| e.into_inner());
     if span >= 1_000 {
-        if NEXT.load(Ordering::Relaxed) == 0 {
+        let start = *p.next.get_or_insert_with(|| {
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.subsec_nanos());
-            let start = (std::process::id().wrapping_mul(2_654_435_761) ^ nanos) % span;
-            NEXT.store(start + 1, Ordering::Relaxed);
-        }
-        for _ in 0..span {
-            let i = NEXT.fetch_add(1, Ordering::Relaxed) - 1;
-            let port = (LOWEST + i % span) as u16;
-            if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                handed_out.push(port);
+            (std::process::id().wrapping_mul(2_654_435_761) ^ nanos) % span
+        });
+        for i in 0..span {
+            let port = (LOWEST + (start + i) % span) as u16;
+            if !p.handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                p.handed_out.push(port);
+                p.next = Some((start + i + 1) % span);
                 return port;
             }
         }
@@ -476,8 +481,8 @@ pub fn free_port() -> u16 {
     loop {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let port = listener.local_addr().expect("local addr").port();
-        if !handed_out.contains(&port) {
-            handed_out.push(port);
+        if !p.handed_out.contains(&port) {
+            p.handed_out.push(port);
             return port;
         }
     }
